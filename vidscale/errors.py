@@ -1,0 +1,31 @@
+"""The exception tree. Each class carries the exit status the CLI returns for it."""
+
+
+class VidscaleError(Exception):
+    """Base of every error vidscale raises on purpose; the message is one line for a person."""
+
+    exit_status = 1
+
+
+class UsageError(VidscaleError):
+    """Arguments or settings that cannot work together."""
+
+    exit_status = 2
+
+
+class ModelError(VidscaleError):
+    """Unknown model name, unreadable or unsafe weight file, unsupported architecture."""
+
+    exit_status = 3
+
+
+class EngineError(VidscaleError):
+    """OpenVINO could not convert, compile or run a model (missing device, wrong shape)."""
+
+    exit_status = 4
+
+
+class MediaError(VidscaleError):
+    """An input or output file that cannot be read or written as asked."""
+
+    exit_status = 5
