@@ -1,0 +1,322 @@
+"""OpenVINO side of vidscale: convert once, reshape statically, compile per shape, run asynchronously.
+
+Every compiled model here has ONE static input shape, and nothing of another shape is ever handed to
+it: `Upscaler.check` refuses it before OpenVINO sees it. A frame of another size asks `Engine.upscaler`
+for another compiled model. This is the whole point of the project (see DESIGN.md, "Why static shapes").
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import threading
+from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import openvino as ov
+import openvino.opset13 as ops
+from openvino.preprocess import PrePostProcessor
+
+from .errors import EngineError, UsageError
+
+PRECISIONS = ("auto", "f32", "bf16", "f16")
+# Element type of the frames on both sides of the graph. "f32" is the raw model: float NHWC in [0, 1]
+# in, unclamped float out; it exists so tests can compare against torch without quantisation.
+SAMPLE_TYPES = {"u8": (ov.Type.u8, np.uint8, 255.0), "u16": (ov.Type.u16, np.uint16, 65535.0),
+                "f32": (ov.Type.f32, np.float32, 1.0)}
+# Bumped whenever the saved IR would differ for the same weights (conversion recipe changes).
+_IR_FORMAT = 1
+_COMPILED_CACHE_SIZE = 4
+
+
+def default_cache_dir() -> Path:
+    """$VIDSCALE_CACHE_DIR, else $XDG_CACHE_HOME/vidscale, else ~/.cache/vidscale."""
+    explicit = os.environ.get("VIDSCALE_CACHE_DIR")
+    if explicit:
+        return Path(explicit)
+    xdg = os.environ.get("XDG_CACHE_HOME")
+    return (Path(xdg) if xdg else Path.home() / ".cache") / "vidscale"
+
+
+@dataclass(frozen=True)
+class EngineSettings:
+    device: str = "CPU"
+    precision: str = "auto"
+    cache_dir: Path | None = None
+    # 0 lets OpenVINO pick the number of parallel requests for throughput on the device.
+    requests: int = 0
+
+    @property
+    def resolved_cache_dir(self) -> Path:
+        return self.cache_dir if self.cache_dir is not None else default_cache_dir()
+
+
+_core_lock = threading.Lock()
+_core: ov.Core | None = None
+
+
+def core() -> ov.Core:
+    global _core
+    with _core_lock:
+        if _core is None:
+            _core = ov.Core()
+        return _core
+
+
+def check_device(device: str) -> None:
+    """Refuse a device string naming hardware this machine does not have.
+
+    AUTO/MULTI/HETERO are passed through, but every device they list must exist: asking for GPU and
+    silently running on the CPU is the kind of surprise we do not want.
+    """
+    available = core().available_devices
+    name, _, listed = device.partition(":")
+    virtual = name.upper() in ("AUTO", "MULTI", "HETERO", "BATCH")
+    wanted = [d for d in listed.split(",") if d] if virtual else [device]
+    for dev in wanted:
+        if not any(a == dev or a.split(".")[0] == dev for a in available):
+            raise EngineError(
+                f"OpenVINO device {dev!r} is not available on this machine (found: "
+                f"{', '.join(available) or 'none'}); pass --device with one of those")
+
+
+def resolve_precision(device: str, precision: str) -> str:
+    if precision not in PRECISIONS:
+        raise UsageError(f"unknown precision {precision!r}; use one of {', '.join(PRECISIONS)}")
+    capabilities = _capabilities(device)
+    if precision == "auto":
+        return "bf16" if "BF16" in capabilities else "f32"
+    needed = {"bf16": "BF16", "f16": "FP16"}.get(precision)
+    if needed and capabilities and needed not in capabilities:
+        raise EngineError(
+            f"precision {precision} is not supported by OpenVINO device {device} "
+            f"(it supports {', '.join(sorted(capabilities))}); use --precision f32 or auto")
+    return precision
+
+
+def _capabilities(device: str) -> set[str]:
+    name = device.partition(":")[0]
+    if name.upper() in ("AUTO", "MULTI", "HETERO", "BATCH"):
+        return set()  # a virtual device has no single answer; let the plugin decide
+    return set(core().get_property(device, "OPTIMIZATION_CAPABILITIES"))
+
+
+def ir_path(model, cache_dir: Path) -> Path:
+    """Where the converted IR of `model` lives: keyed by the weights' digest, not by name."""
+    digest = hashlib.sha256(f"{model.digest}:{_IR_FORMAT}".encode()).hexdigest()[:16]
+    return cache_dir / "ir" / f"{model.name}-{digest}.xml"
+
+
+class Engine:
+    """One model on one device at one precision; hands out compiled models by shape."""
+
+    def __init__(self, model, settings: EngineSettings = EngineSettings()):
+        check_device(settings.device)
+        self.model = model
+        self.settings = settings
+        self.precision = resolve_precision(settings.device, settings.precision)
+        self._lock = threading.Lock()
+        self._compiled: OrderedDict[tuple, Upscaler] = OrderedDict()
+
+    @property
+    def native_scale(self) -> int:
+        return self.model.spec.scale
+
+    @property
+    def size_multiple(self) -> int:
+        return self.model.spec.size_multiple
+
+    def _read_ir(self) -> ov.Model:
+        xml = ir_path(self.model, self.settings.resolved_cache_dir)
+        if not xml.is_file():
+            self._convert(xml)
+        try:
+            return core().read_model(xml)
+        except RuntimeError as exc:
+            raise EngineError(f"cached OpenVINO IR {xml} is unreadable ({_first_line(exc)}); "
+                              f"delete it and run again to rebuild it") from exc
+
+    def _convert(self, xml: Path) -> None:
+        import torch  # conversion is the only place that needs torch; a warm cache never imports it
+
+        xml.parent.mkdir(parents=True, exist_ok=True)
+        module = self.model.module()
+        side = 16 * self.size_multiple
+        with torch.no_grad():
+            converted = ov.convert_model(module, example_input=torch.rand(1, 3, side, side))
+        # Write beside the target and rename, .bin first: a present .xml means a complete pair even
+        # if another process or a crash interrupted a conversion.
+        tmp = xml.with_name(f".{xml.stem}.{os.getpid()}.{threading.get_ident()}.xml")
+        ov.save_model(converted, tmp, compress_to_fp16=False)
+        os.replace(tmp.with_suffix(".bin"), xml.with_suffix(".bin"))
+        os.replace(tmp, xml)
+
+    def check_outscale(self, outscale: int) -> None:
+        if not 1 <= outscale <= self.native_scale:
+            raise UsageError(f"scale {outscale} is not possible with {self.model.name} "
+                             f"(native x{self.native_scale}); use a scale from 1 to {self.native_scale}")
+
+    def upscaler(self, tile_shape: tuple[int, int], *, batch: int = 1, outscale: int | None = None,
+                 sample: str = "u8") -> Upscaler:
+        """The compiled model for exactly this input shape, compiling it on first use."""
+        outscale = self.native_scale if outscale is None else outscale
+        self.check_outscale(outscale)
+        if sample not in SAMPLE_TYPES:
+            raise UsageError(f"unknown sample type {sample!r}; use one of {', '.join(SAMPLE_TYPES)}")
+        h, w = tile_shape
+        m = self.size_multiple
+        if h <= 0 or w <= 0 or h % m or w % m or batch <= 0:
+            raise EngineError(f"tile shape {h}x{w} (batch {batch}) is not valid for {self.model.name}: "
+                              f"height and width must be positive multiples of {m}")
+        key = (h, w, batch, outscale, sample, self.precision, self.settings.device)
+        with self._lock:
+            found = self._compiled.get(key)
+            if found is not None:
+                self._compiled.move_to_end(key)
+                return found
+            upscaler = Upscaler(self._compile(h, w, batch, outscale, sample), self.model.name,
+                                outscale, sample, self.settings.requests)
+            self._compiled[key] = upscaler
+            if len(self._compiled) > _COMPILED_CACHE_SIZE:
+                self._compiled.popitem(last=False)
+            return upscaler
+
+    def _compile(self, h: int, w: int, batch: int, outscale: int, sample: str) -> ov.CompiledModel:
+        graph = _static_graph(self._read_ir(), batch, h, w, self.native_scale, outscale, sample)
+        config = {
+            "PERFORMANCE_HINT": "THROUGHPUT",
+            "CACHE_DIR": str(self.settings.resolved_cache_dir / "openvino"),
+        }
+        if not self.settings.device.partition(":")[0].upper() in ("AUTO", "MULTI", "HETERO", "BATCH"):
+            config["INFERENCE_PRECISION_HINT"] = self.precision
+        try:
+            return core().compile_model(graph, self.settings.device, config)
+        except RuntimeError as exc:
+            raise EngineError(f"OpenVINO could not compile {self.model.name} for {h}x{w} on "
+                              f"{self.settings.device} ({_first_line(exc)})") from exc
+
+
+def _static_graph(model: ov.Model, n: int, h: int, w: int, native: int, outscale: int,
+                  sample: str) -> ov.Model:
+    """The model reshaped to [n,3,h,w], wrapped so frames go in and out as NHWC samples."""
+    model.reshape({model.inputs[0]: ov.PartialShape([n, 3, h, w])})
+    ov_type, _, peak = SAMPLE_TYPES[sample]
+    ppp = PrePostProcessor(model)
+    ppp.input().tensor().set_element_type(ov_type).set_layout(ov.Layout("NHWC"))
+    ppp.input().model().set_layout(ov.Layout("NCHW"))
+    if sample != "f32":
+        ppp.input().preprocess().convert_element_type(ov.Type.f32).scale(peak)
+    ppp.output().model().set_layout(ov.Layout("NCHW"))
+    ppp.output().tensor().set_layout(ov.Layout("NHWC")).set_element_type(ov_type)
+
+    def finish(node):
+        if outscale != native:
+            # Real-ESRGAN's "outscale": an anti-aliased resize of the native output, so x2 from an
+            # x4 model is a clean downscale rather than dropped pixels.
+            sizes = np.array([h * outscale, w * outscale], dtype=np.int64)
+            node = ops.interpolate(node, sizes, mode="bicubic_pillow", shape_calculation_mode="sizes",
+                                   antialias=True, axes=np.array([2, 3], dtype=np.int64))
+        if sample == "f32":
+            return node if isinstance(node, ov.Output) else node.output(0)
+        # OpenVINO's float->integer convert truncates and wraps (300 -> 44): clamp, then add 0.5 so
+        # the truncation rounds to nearest.
+        node = ops.clamp(node, 0.0, 1.0)
+        return ops.add(ops.multiply(node, np.float32(peak)), np.float32(0.5)).output(0)
+
+    ppp.output().postprocess().custom(finish)
+    return ppp.build()
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+class Upscaler:
+    """A model compiled for one static shape: (batch, h, w, 3) samples in, (batch, h*s, w*s, 3) out."""
+
+    def __init__(self, compiled: ov.CompiledModel, name: str, scale: int, sample: str, requests: int):
+        self.compiled = compiled
+        self.name = name
+        self.scale = scale
+        self.sample = sample
+        self.dtype = SAMPLE_TYPES[sample][1]
+        self.input_shape = tuple(compiled.input(0).shape)
+        self.output_shape = tuple(compiled.output(0).shape)
+        n, h, w, c = self.input_shape
+        expected = (n, h * scale, w * scale, c)
+        if self.output_shape != expected:
+            raise EngineError(f"{name} compiled for {h}x{w} gives output {self.output_shape}, "
+                              f"expected {expected}; this model cannot be used at this shape")
+        self.requests = requests or compiled.get_property("OPTIMAL_NUMBER_OF_INFER_REQUESTS")
+        self._sync_request = compiled.create_infer_request()
+
+    def check(self, batch: np.ndarray) -> None:
+        if batch.shape != self.input_shape or batch.dtype != self.dtype:
+            raise EngineError(
+                f"refusing to run {self.name}: input {batch.shape} {batch.dtype} does not match the "
+                f"compiled shape {self.input_shape} {np.dtype(self.dtype)}")
+
+    def __call__(self, batch: np.ndarray) -> np.ndarray:
+        """Synchronous inference of one batch; the result is a new array the caller owns."""
+        self.check(batch)
+        result = self._sync_request.infer(batch)
+        out = result[0]
+        _check_output(out, self)
+        return out.copy()
+
+    def queue(self, on_result: Callable[[Any, np.ndarray], None]) -> InferQueue:
+        return InferQueue(self, on_result)
+
+
+def _check_output(out: np.ndarray, upscaler: Upscaler) -> None:
+    if out.shape != upscaler.output_shape:
+        raise EngineError(f"{upscaler.name} returned {out.shape}, expected {upscaler.output_shape}")
+
+
+class InferQueue:
+    """AsyncInferQueue whose callback never raises.
+
+    `on_result(userdata, output)` runs on an OpenVINO thread with a view of the request's output that
+    is valid only during the call (copy what you keep). An exception escaping an OpenVINO callback
+    aborts the process, so the first error is parked here and re-raised by `wait_all` and every later
+    `submit` in the owner's thread; results arriving after it are dropped.
+    """
+
+    def __init__(self, upscaler: Upscaler, on_result: Callable[[Any, np.ndarray], None]):
+        self.upscaler = upscaler
+        self._on_result = on_result
+        self._error: BaseException | None = None
+        self._queue = ov.AsyncInferQueue(upscaler.compiled, upscaler.requests)
+        self._queue.set_callback(self._done)
+
+    def __len__(self) -> int:
+        return len(self._queue)
+
+    def _done(self, request: ov.InferRequest, userdata: Any) -> None:
+        if self._error is not None:
+            return
+        try:
+            out = request.get_output_tensor(0).data
+            _check_output(out, self.upscaler)
+            self._on_result(userdata, out)
+        except BaseException as exc:  # noqa: BLE001 - must not escape into OpenVINO's thread
+            self._error = exc
+
+    def submit(self, batch: np.ndarray, userdata: Any) -> None:
+        """Start inference of `batch`; it is copied into the request, so the caller may reuse it."""
+        self.raise_parked()
+        self.upscaler.check(batch)
+        self._queue.start_async(batch, userdata, share_inputs=False)
+
+    def wait_all(self) -> None:
+        self._queue.wait_all()
+        self.raise_parked()
+
+    def raise_parked(self) -> None:
+        if self._error is not None:
+            raise self._error
