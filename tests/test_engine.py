@@ -1,0 +1,155 @@
+"""The OpenVINO engine: static shapes, in-graph pre/post-processing, caches, devices, callbacks."""
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import nearest, save_compact
+from vidscale.engine import Engine, EngineSettings, resolve_precision
+from vidscale.errors import EngineError, UsageError
+from vidscale.models import resolve
+
+BUNDLED = ["RealESRGAN_x4plus_anime_6B", "realesr-animevideov3", "RealESRGAN_x4plus"]
+
+
+@pytest.fixture
+def engine(identity_model, cache_dir):
+    return Engine(resolve(identity_model), EngineSettings(precision="f32", cache_dir=cache_dir))
+
+
+def test_u8_in_u8_out_is_exact_for_an_identity_model(engine):
+    frame = np.random.default_rng(1).integers(0, 256, (1, 23, 37, 3), dtype=np.uint8)
+    out = engine.upscaler((23, 37))(frame)
+    assert out.dtype == np.uint8
+    assert np.array_equal(out[0], nearest(frame[0], 4))
+
+
+def test_u16_variant_keeps_all_16_bits(engine):
+    frame = np.random.default_rng(2).integers(0, 65536, (1, 9, 11, 3), dtype=np.uint16)
+    out = engine.upscaler((9, 11), sample="u16")(frame)
+    assert out.dtype == np.uint16
+    assert np.array_equal(out[0], nearest(frame[0], 4))
+
+
+@pytest.mark.parametrize("bias", [0.2, -0.302])  # no x.5 ties: float32 rounding
+def test_out_of_range_values_clamp_instead_of_wrapping(tmp_path, cache_dir, bias):
+    # Regression: OpenVINO's f32->u8 convert truncates and wraps (300 becomes 44), so a model that
+    # overshoots must be clamped inside the graph before the conversion.
+    model = resolve(save_compact(tmp_path / "biased.safetensors", last_bias=bias))
+    upscaler = Engine(model, EngineSettings(precision="f32", cache_dir=cache_dir)).upscaler((4, 256))
+    frame = np.broadcast_to(np.arange(256, dtype=np.uint8)[None, None, :, None], (1, 4, 256, 3)).copy()
+    expected = np.clip(np.floor(frame.astype(np.float64) + bias * 255 + 0.5), 0, 255).astype(np.uint8)
+    assert np.array_equal(upscaler(frame)[0], nearest(expected[0], 4))
+
+
+@pytest.mark.parametrize("outscale", [1, 2, 3])
+def test_outscale_resizes_in_the_graph(engine, outscale):
+    upscaler = engine.upscaler((10, 14), outscale=outscale)
+    assert upscaler.output_shape == (1, 10 * outscale, 14 * outscale, 3)
+    assert (upscaler(np.full((1, 10, 14, 3), 77, np.uint8)) == 77).all()
+
+
+def test_outscale_downscale_is_antialiased(engine):
+    # x1 from an x4 identity model: a one-pixel checkerboard must come back blurred towards grey.
+    # Point sampling would return it unchanged (std 127.5), aliasing in real content.
+    board = ((np.indices((10, 14)).sum(axis=0) % 2) * 255).astype(np.uint8)
+    out = engine.upscaler((10, 14), outscale=1)(np.repeat(board[None, :, :, None], 3, axis=3))
+    assert abs(float(out.mean()) - 127.5) < 2
+    assert out.std() < 0.6 * board.std()
+
+
+def test_scale_above_native_is_refused(engine):
+    with pytest.raises(UsageError, match="scale 5 is not possible"):
+        engine.upscaler((8, 8), outscale=5)
+
+
+def test_a_tensor_of_another_shape_never_reaches_the_compiled_model(engine):
+    upscaler = engine.upscaler((16, 16))
+    for wrong in (np.zeros((1, 16, 15, 3), np.uint8), np.zeros((1, 15, 16, 3), np.uint8),
+                  np.zeros((2, 16, 16, 3), np.uint8), np.zeros((1, 16, 16, 3), np.uint16)):
+        with pytest.raises(EngineError, match="does not match the compiled shape"):
+            upscaler(wrong)
+        queue = upscaler.queue(lambda *_: None)
+        with pytest.raises(EngineError, match="does not match the compiled shape"):
+            queue.submit(wrong, None)
+
+
+def test_each_shape_gets_its_own_compiled_model(engine):
+    a = engine.upscaler((16, 16))
+    b = engine.upscaler((16, 20))
+    assert a is not b
+    assert a.input_shape == (1, 16, 16, 3) and b.input_shape == (1, 16, 20, 3)
+    assert engine.upscaler((16, 16)) is a
+
+
+def test_results_arrive_with_their_userdata_in_any_order(engine):
+    upscaler = engine.upscaler((8, 8))
+    frames = np.random.default_rng(3).integers(0, 256, (12, 1, 8, 8, 3), dtype=np.uint8)
+    results = {}
+    queue = upscaler.queue(lambda index, out: results.__setitem__(index, out.copy()))
+    for index, frame in enumerate(frames):
+        queue.submit(frame, index)
+    queue.wait_all()
+    assert sorted(results) == list(range(12))
+    for index, frame in enumerate(frames):
+        assert np.array_equal(results[index][0], nearest(frame[0], 4))
+
+
+def test_an_error_in_a_callback_is_parked_and_raised_in_the_owner(engine):
+    # An exception escaping an OpenVINO callback would abort the whole process.
+    upscaler = engine.upscaler((8, 8))
+
+    def fail(index, _out):
+        raise ValueError(f"sink failed on {index}")
+
+    queue = upscaler.queue(fail)
+    queue.submit(np.zeros((1, 8, 8, 3), np.uint8), 7)
+    with pytest.raises(ValueError, match="sink failed on 7"):
+        queue.wait_all()
+    with pytest.raises(ValueError, match="sink failed on 7"):
+        queue.submit(np.zeros((1, 8, 8, 3), np.uint8), 8)
+
+
+def test_the_converted_ir_is_cached_and_reused(identity_model, tmp_path, monkeypatch):
+    settings = EngineSettings(precision="f32", cache_dir=tmp_path)
+    Engine(resolve(identity_model), settings).upscaler((8, 8))
+    assert list((tmp_path / "ir").glob("*.xml")) and list((tmp_path / "openvino").iterdir())
+
+    def no_conversion(*_):
+        raise AssertionError("converted again despite a cached IR")
+
+    monkeypatch.setattr(Engine, "_convert", no_conversion)
+    frame = np.full((1, 8, 12, 3), 5, np.uint8)
+    assert (Engine(resolve(identity_model), settings).upscaler((8, 12))(frame) == 5).all()
+
+
+@pytest.mark.parametrize("device", ["GPU", "NPU", "AUTO:GPU,CPU", "HETERO:NPU,CPU"])
+def test_an_absent_device_is_an_error_not_a_fallback(identity_model, cache_dir, device):
+    with pytest.raises(EngineError, match="is not available on this machine .*found: CPU"):
+        Engine(resolve(identity_model), EngineSettings(device=device, cache_dir=cache_dir))
+
+
+def test_precision_auto_and_unsupported_precisions():
+    from vidscale.engine import core
+
+    capabilities = core().get_property("CPU", "OPTIMIZATION_CAPABILITIES")
+    assert resolve_precision("CPU", "auto") == ("bf16" if "BF16" in capabilities else "f32")
+    assert resolve_precision("CPU", "f32") == "f32"
+    with pytest.raises(UsageError, match="unknown precision"):
+        resolve_precision("CPU", "f8")
+    if "FP16" not in capabilities:
+        with pytest.raises(EngineError, match="f16 is not supported"):
+            resolve_precision("CPU", "f16")
+
+
+@pytest.mark.parametrize("name", BUNDLED)
+def test_openvino_f32_equals_torch_f32_with_real_weights(name, cache_dir):
+    model = resolve(name)
+    x = torch.rand(1, 3, 20, 28, generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        expected = model.module()(x).permute(0, 2, 3, 1).numpy()
+    upscaler = Engine(model, EngineSettings(precision="f32", cache_dir=cache_dir)).upscaler(
+        (20, 28), sample="f32")
+    got = upscaler(np.ascontiguousarray(x.permute(0, 2, 3, 1).numpy()))
+    assert got.shape == expected.shape
+    assert np.abs(got - expected).max() <= 1e-4
