@@ -1,0 +1,753 @@
+"""PyAV side of vidscale: reading and writing pictures and videos. Never imports openvino."""
+
+from __future__ import annotations
+
+import errno
+import os
+import sys
+from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass
+from fractions import Fraction
+from pathlib import Path
+
+import av
+import numpy as np
+from av.video.reformatter import ColorRange, Colorspace, Interpolation, VideoReformatter
+
+from .errors import MediaError, UsageError
+
+# PyAV's logging bridge can deadlock when FFmpeg logs from worker threads; errors reach us as
+# exceptions anyway.
+av.logging.set_level(None)
+
+IMAGE_CODECS = {".png": "png", ".jpg": "mjpeg", ".jpeg": "mjpeg"}
+
+
+@dataclass(frozen=True)
+class Image:
+    """RGB(A) samples, HxWx3 or HxWx4, uint8 or uint16 (16-bit sources keep their depth)."""
+
+    pixels: np.ndarray
+
+    @property
+    def has_alpha(self) -> bool:
+        return self.pixels.shape[2] == 4
+
+    @property
+    def rgb(self) -> np.ndarray:
+        return self.pixels[:, :, :3]
+
+    @property
+    def alpha(self) -> np.ndarray | None:
+        return self.pixels[:, :, 3] if self.has_alpha else None
+
+
+def read_image(path: Path) -> Image:
+    path = Path(path)
+    check_readable(path)
+    try:
+        with av.open(str(path)) as container:
+            if not container.streams.video:
+                raise MediaError(f"{path} holds no picture; give a PNG or JPEG image")
+            frame = next(container.decode(video=0), None)
+    except av.FFmpegError as exc:
+        raise MediaError(f"{path} is not a readable image ({exc.strerror or exc}); "
+                         f"give a PNG or JPEG file") from exc
+    if frame is None:
+        raise MediaError(f"{path} holds no decodable picture; give a PNG or JPEG image")
+    fmt = frame.format
+    deep = any(c.bits > 8 for c in fmt.components)
+    alpha = fmt.name == "pal8" or any(c.is_alpha for c in fmt.components)
+    target = ("rgba64le" if deep else "rgba") if alpha else ("rgb48le" if deep else "rgb24")
+    pixels = frame.to_ndarray(format=target)
+    if alpha and fmt.name == "pal8" and (pixels[:, :, 3] == 255).all():
+        pixels = pixels[:, :, :3]  # a palette without transparency is plain RGB
+    return Image(np.ascontiguousarray(pixels))
+
+
+def write_image(image: Image, path: Path) -> None:
+    """Write PNG (8 or 16 bit, with alpha) or JPEG; a failed write leaves nothing at `path`."""
+    path = Path(path)
+    codec = IMAGE_CODECS.get(path.suffix.lower())
+    if codec is None:
+        raise UsageError(f"cannot write {path}: unknown picture type {path.suffix!r}; "
+                         f"use one of {', '.join(IMAGE_CODECS)}")
+    pixels = image.pixels
+    deep = pixels.dtype == np.uint16
+    if codec == "mjpeg":
+        if image.has_alpha:
+            raise UsageError(f"cannot write {path}: JPEG has no alpha channel; write a .png instead")
+        if deep:
+            pixels = (pixels.astype(np.uint32) * 255 + 32767) // 65535
+            pixels = pixels.astype(np.uint8)
+        source_format, pix_fmt = "rgb24", "yuvj444p"
+    elif image.has_alpha:
+        source_format, pix_fmt = ("rgba64le", "rgba64be") if deep else ("rgba", "rgba")
+    else:
+        source_format, pix_fmt = ("rgb48le", "rgb48be") if deep else ("rgb24", "rgb24")
+    frame = av.VideoFrame.from_ndarray(np.ascontiguousarray(pixels), format=source_format)
+    with atomic_output(path) as tmp:
+        with av.open(str(tmp), "w", format="image2", options={"update": "1"}) as container:
+            stream = container.add_stream(codec)
+            stream.width, stream.height, stream.pix_fmt = frame.width, frame.height, pix_fmt
+            if codec == "mjpeg":
+                stream.codec_context.qmin = stream.codec_context.qmax = 1
+            for packet in stream.encode(frame.reformat(format=pix_fmt)):
+                container.mux(packet)
+            for packet in stream.encode():
+                container.mux(packet)
+
+
+def check_readable(path: Path) -> None:
+    if not path.exists():
+        raise MediaError(f"{path} does not exist; check the path")
+    if path.is_dir():
+        raise MediaError(f"{path} is a directory; give a file")
+    if path.stat().st_size == 0:
+        raise MediaError(f"{path} is empty; give a complete file")
+
+
+def check_output(path: Path, inputs: list[Path], overwrite: bool) -> None:
+    """Refuse outputs that would clobber an input or an existing file without --overwrite."""
+    for source in inputs:
+        if source.exists() and path.exists() and os.path.samefile(source, path):
+            raise UsageError(f"output {path} is the input file; choose another output path")
+    if path.exists() and not overwrite:
+        raise UsageError(f"output {path} already exists; pass --overwrite to replace it")
+    if not path.parent.is_dir():
+        raise MediaError(f"output directory {path.parent} does not exist; create it first")
+    if not os.access(path.parent, os.W_OK):
+        raise MediaError(f"output directory {path.parent} is not writable; choose another output")
+
+
+@contextmanager
+def atomic_output(path: Path):
+    """Yield a temporary path beside `path`; rename it into place only if the block succeeds."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.partial")
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+# ---------------------------------------------------------------------------------------------
+# Video: open, decode to RGB, encode from RGB, copy every other stream.
+# ---------------------------------------------------------------------------------------------
+
+# Colour properties use FFmpeg's own names (what ffprobe prints), indexed by the AVCOL_* values
+# that PyAV exposes as plain ints on codec contexts and frames.
+COLORSPACES = {0: "gbr", 1: "bt709", 4: "fcc", 5: "bt470bg", 6: "smpte170m", 7: "smpte240m",
+               8: "ycgco", 9: "bt2020nc", 10: "bt2020c", 11: "smpte2085",
+               12: "chroma-derived-nc", 13: "chroma-derived-c", 14: "ictcp"}
+COLOR_RANGES = {1: "tv", 2: "pc"}
+COLOR_PRIMARIES = {1: "bt709", 4: "bt470m", 5: "bt470bg", 6: "smpte170m", 7: "smpte240m",
+                   8: "film", 9: "bt2020", 10: "smpte428", 11: "smpte431", 12: "smpte432",
+                   22: "ebu3213"}
+COLOR_TRCS = {1: "bt709", 4: "gamma22", 5: "gamma28", 6: "smpte170m", 7: "smpte240m",
+              8: "linear", 9: "log100", 10: "log316", 11: "iec61966-2-4", 12: "bt1361e",
+              13: "iec61966-2-1", 14: "bt2020-10", 15: "bt2020-12", 16: "smpte2084",
+              17: "smpte428", 18: "arib-std-b67"}
+
+# The YUV<->RGB matrices swscale implements. BT.2020 constant luminance (bt2020c) and the
+# others are not among them, so such sources are refused rather than converted wrongly.
+_SWS_MATRIX = {"bt709": Colorspace.ITU709, "fcc": Colorspace.FCC, "bt470bg": Colorspace.ITU601,
+               "smpte170m": Colorspace.SMPTE170M, "smpte240m": Colorspace.SMPTE240M,
+               "bt2020nc": Colorspace.BT2020}
+_SWS_RANGE = {"tv": ColorRange.MPEG, "pc": ColorRange.JPEG}
+
+# Tags an output gets when the source did not say which primaries and transfer it uses: the
+# ones that go with the output's matrix (the matrix alone is not enough for a player to agree).
+_PRIMARIES_TRC_FOR_MATRIX = {"bt709": ("bt709", "bt709"),
+                             "smpte170m": ("smpte170m", "smpte170m"),
+                             "bt470bg": ("bt470bg", "smpte170m"),
+                             "bt2020nc": ("bt2020", "bt2020-10")}
+
+# ACCURATE_RND keeps a YUV->RGB->YUV round trip within one code value; FULL_CHR_H_INT
+# interpolates chroma horizontally instead of repeating it, which matters for sharp line art.
+_SWS_FLAGS = Interpolation.BILINEAR | Interpolation.ACCURATE_RND | Interpolation.FULL_CHR_H_INT
+
+ENCODER_DEFAULTS: dict[str, dict[str, str]] = {
+    "libx264": {"crf": "18", "preset": "slow", "tune": "animation"},
+    "libx265": {"crf": "20", "preset": "medium", "tune": "animation",
+                "x265-params": "log-level=error"},
+    "libsvtav1": {"crf": "30", "preset": "8"},
+    "libvpx-vp9": {"crf": "30", "b": "0", "row-mt": "1", "cpu-used": "4"},
+    "ffv1": {"level": "3", "slicecrc": "1"},
+}
+"""Encoder options tuned for anime, per codec; EncoderSettings fields and options override them."""
+
+# Containers chosen by output extension. Explicit, because FFmpeg's own guess maps .m4v to a raw
+# MPEG-4 elementary stream and our temporary names end in .partial anyway.
+OUTPUT_FORMATS = {".mkv": "matroska", ".webm": "webm", ".mp4": "mp4", ".m4v": "mp4",
+                  ".mov": "mov", ".nut": "nut", ".ts": "mpegts", ".m2ts": "mpegts",
+                  ".mts": "mpegts", ".avi": "avi"}
+PIPE_FORMAT = "matroska"
+# These write their index (moov) at the end by seeking back, which a pipe cannot do; fragmented
+# MP4 puts an empty moov first and the samples in self-contained fragments. delay_moov holds the
+# moov back until the first fragment so it can carry the edit list: without it every timestamp
+# comes back shifted by the encoder's B-frame delay.
+_SEEKING_FORMATS = {"mp4", "mov", "ipod", "ismv", "3gp", "3g2", "psp"}
+_FRAGMENTED = "frag_keyframe+empty_moov+delay_moov+default_base_moof"
+
+# Tags that describe the old video bitstream (written by the old encoder or by mkvmerge's
+# statistics) and would be false on the re-encoded stream.
+_STALE_VIDEO_TAGS = ("encoder", "bps", "duration", "number_of_frames", "number_of_bytes",
+                     "_statistics_")
+
+
+def _label(source) -> str:
+    if source == "-":
+        return "stdin"
+    if isinstance(source, (str, os.PathLike)):
+        return str(source)
+    return str(getattr(source, "name", "the input stream"))
+
+
+def open_input(source) -> av.container.InputContainer:
+    """Open `source` for demuxing: a path, "-" for stdin, or a readable binary file object.
+
+    A pipe must hold a streamable container (matroska, nut, mpegts, fragmented mp4). Every
+    failure is a MediaError with a one-line message naming the input and what to do: missing,
+    a directory, empty, not media, truncated, no video stream, a still image, an undecodable
+    video codec. The caller closes the returned container.
+    """
+    label = _label(source)
+    if source == "-":
+        file = sys.stdin.buffer
+    elif isinstance(source, (str, os.PathLike)):
+        check_readable(Path(source))
+        file = str(source)
+    else:
+        file = source
+    try:
+        container = av.open(file, "r")
+    except av.error.EOFError as exc:
+        raise MediaError(f"{label} is truncated: it ends inside its header; "
+                         f"give the complete file") from exc
+    except av.error.InvalidDataError as exc:
+        raise MediaError(f"{label} is not a video file FFmpeg recognises; "
+                         f"give a video such as .mkv or .mp4") from exc
+    except av.FFmpegError as exc:
+        raise MediaError(f"{label} cannot be opened ({exc.strerror or exc}); "
+                         f"check that it is a complete video file") from exc
+    try:
+        _video_stream(container, label)
+    except BaseException:
+        container.close()
+        raise
+    return container
+
+
+def _video_stream(container, label: str):
+    """The stream to upscale: the first video stream that is not cover art."""
+    fmt = container.format.name
+    if fmt in ("image2", "image2pipe") or fmt.endswith("_pipe"):
+        raise MediaError(f"{label} is a still image, not a video; "
+                         f"use `vidscale image` to upscale pictures")
+    videos = [s for s in container.streams.video
+              if not s.disposition & av.stream.Disposition.attached_pic]
+    if not videos:
+        kinds = sorted({s.type for s in container.streams}) or ["no streams"]
+        raise MediaError(f"{label} has no video stream (only {', '.join(kinds)}); "
+                         f"give a file with video")
+    stream = videos[0]
+    if stream.codec_context is None or not stream.codec_context.is_decoder:
+        raise MediaError(f"{label}: this FFmpeg build cannot decode its video codec "
+                         f"({stream.codec_context.name if stream.codec_context else 'unknown'}); "
+                         f"convert it with a full FFmpeg first")
+    return stream
+
+
+@dataclass(frozen=True)
+class VideoInfo:
+    """What a writer and a pipeline need to know about the video stream being upscaled.
+
+    Colour fields use FFmpeg's names. `colorspace` (the YUV matrix) and `color_range` are never
+    unknown: an untagged matrix is taken as BT.709 for HD (height >= 720 or width >= 1280) and
+    BT.601 (smpte170m) for SD, an untagged range as limited ("tv"), as players do;
+    the *_guessed flags say a guess was made. `color_primaries` and `color_trc` are None when the
+    source does not say. `rotation` is counter-clockwise degrees (PyAV's convention).
+    `average_rate` is what the container says (Matroska may say 1000); `guessed_rate` is
+    FFmpeg's guess from the timestamps (r_frame_rate).
+    """
+
+    width: int
+    height: int
+    frames: int | None
+    time_base: Fraction
+    average_rate: Fraction | None
+    guessed_rate: Fraction | None
+    sample_aspect_ratio: Fraction | None
+    rotation: int
+    pix_fmt: str
+    bit_depth: int
+    colorspace: str
+    color_range: str
+    color_primaries: str | None
+    color_trc: str | None
+    colorspace_guessed: bool
+    color_range_guessed: bool
+
+    @property
+    def deep(self) -> bool:
+        """The source has more than 8 bits per sample."""
+        return self.bit_depth > 8
+
+
+@dataclass(frozen=True, eq=False)
+class VideoFrame:
+    """One decoded frame of the upscaled stream: `index` counts from 0 in presentation order,
+    `pts` is in the video stream's time_base, `rgb` is (H, W, 3) uint8, or uint16 when deep."""
+
+    index: int
+    pts: int
+    rgb: np.ndarray
+
+
+def default_colorspace(width: int, height: int) -> str:
+    """The matrix players assume for an untagged picture of this size."""
+    return "bt709" if height >= 720 or width >= 1280 else "smpte170m"
+
+
+class VideoReader:
+    """Demux and decode `source` (see open_input); a context manager.
+
+    `events()` yields, in demux order, a VideoFrame for every decoded frame of the video
+    stream and the raw av.Packet of every other stream, for a VideoWriter to copy.
+    deep=True gives uint16 RGB (full 16-bit scale) whatever the source depth, for > 8-bit
+    output. Packets the decoder rejects are concealed and counted in `corrupt_packets`, as
+    ffmpeg does, unless strict=True, which raises MediaError on the first one. Frames a decoder
+    cannot produce (a stream starting mid-GOP) are not output. A size change mid-stream raises
+    MediaError. Video streams other than the upscaled one are copied as they are.
+    """
+
+    def __init__(self, source, *, deep: bool = False, strict: bool = False):
+        self.label = _label(source)
+        self.deep = deep
+        self.strict = strict
+        self.corrupt_packets = 0
+        self.container = open_input(source)
+        try:
+            self.stream = _video_stream(self.container, self.label)
+            self.stream.codec_context.thread_type = "AUTO"
+            self._reformatter = VideoReformatter()
+            self._next_index = 0
+            self._events = self._demux()
+            # Decode up to the first frame now: the rotation and real frame size are only known
+            # from a decoded frame, and an undecodable input is better refused at open.
+            self._lookahead: list = []
+            first = None
+            for event in self._events:
+                self._lookahead.append(event)
+                if isinstance(event, av.VideoFrame):
+                    first = event
+                    break
+            if first is None:
+                raise MediaError(f"{self.label} holds no decodable video frame; "
+                                 f"check that the file is complete")
+            self.info = self._describe(first)
+        except BaseException:
+            self.container.close()
+            raise
+
+    def __enter__(self) -> VideoReader:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self.container.close()
+
+    def _describe(self, frame: av.VideoFrame) -> VideoInfo:
+        stream, ctx = self.stream, self.stream.codec_context
+        fmt = frame.format
+        matrix = COLORSPACES.get(frame.colorspace)
+        colour_range = COLOR_RANGES.get(frame.color_range)
+        if fmt.is_rgb:
+            matrix, colour_range = "gbr", "pc"
+        matrix_guessed, range_guessed = matrix is None, colour_range is None
+        if matrix is None:
+            matrix = default_colorspace(frame.width, frame.height)
+        if matrix not in _SWS_MATRIX and matrix != "gbr":
+            raise MediaError(f"{self.label} uses the {matrix} colour matrix, which FFmpeg's "
+                             f"scaler cannot convert to RGB; convert it to bt709 first")
+        sar = stream.sample_aspect_ratio or ctx.sample_aspect_ratio
+        return VideoInfo(
+            width=frame.width, height=frame.height,
+            frames=stream.frames or None,
+            time_base=stream.time_base,
+            average_rate=stream.average_rate,
+            guessed_rate=stream.guessed_rate,
+            sample_aspect_ratio=sar if sar else None,
+            rotation=round(frame.rotation) or _rotate_tag(stream),
+            pix_fmt=fmt.name,
+            bit_depth=max(c.bits for c in fmt.components),
+            colorspace=matrix,
+            color_range=colour_range or "tv",
+            color_primaries=COLOR_PRIMARIES.get(frame.color_primaries),
+            color_trc=COLOR_TRCS.get(frame.color_trc),
+            colorspace_guessed=matrix_guessed,
+            color_range_guessed=range_guessed,
+        )
+
+    def events(self):
+        """Yield VideoFrame and av.Packet records in demux order (see the class docstring)."""
+        for event in self._lookahead:
+            yield self._frame(event) if isinstance(event, av.VideoFrame) else event
+        self._lookahead = []
+        for event in self._events:
+            yield self._frame(event) if isinstance(event, av.VideoFrame) else event
+
+    def _demux(self):
+        """Decoded av.VideoFrames of the video stream and packets of the others."""
+        video = self.stream
+        try:
+            for packet in self.container.demux():
+                # Size-0 packets are demuxer flush markers, not data; `dts is None` would also
+                # drop real packets of streams whose muxer leaves dts unset.
+                if packet.size == 0 or packet.stream.type == "attachment":
+                    continue
+                if packet.stream is video:
+                    yield from self._decode(packet)
+                else:
+                    yield packet
+            yield from self._decode(None)
+        except av.FFmpegError as exc:
+            raise MediaError(f"reading {self.label} failed ({exc.strerror or exc}); "
+                             f"check that the file is complete") from exc
+
+    def _decode(self, packet):
+        try:
+            frames = self.stream.codec_context.decode(packet)
+        except (av.error.InvalidDataError, av.error.UndefinedError) as exc:
+            self._corrupt(packet, exc)
+            return
+        for frame in frames:
+            if frame.is_corrupt:
+                self._corrupt(packet, None)
+            yield frame
+
+    def _corrupt(self, packet, exc) -> None:
+        self.corrupt_packets += 1
+        if self.strict:
+            where = f"at pts {packet.pts}" if packet is not None else "at the end"
+            raise MediaError(f"{self.label}: corrupt video data {where}"
+                             f"{f' ({exc.strerror})' if exc else ''}; "
+                             f"drop --strict to conceal errors as ffmpeg does")
+
+    def _frame(self, frame: av.VideoFrame) -> VideoFrame:
+        info = self.info
+        index = self._next_index
+        if (frame.width, frame.height) != (info.width, info.height):
+            raise MediaError(f"{self.label}: frame {index} changes size from "
+                             f"{info.width}x{info.height} to {frame.width}x{frame.height}; "
+                             f"videos that change resolution are not supported")
+        if frame.pts is None:
+            raise MediaError(f"{self.label}: frame {index} has no timestamp; "
+                             f"remux the input into .mkv first")
+        target = "rgb48le" if self.deep else "rgb24"
+        if info.colorspace == "gbr":
+            rgb = self._reformatter.reformat(frame, format=target)
+        else:
+            rgb = self._reformatter.reformat(
+                frame, format=target, src_colorspace=_SWS_MATRIX[info.colorspace],
+                src_color_range=_SWS_RANGE[info.color_range], dst_color_range=ColorRange.JPEG,
+                interpolation=_SWS_FLAGS)
+        self._next_index += 1
+        return VideoFrame(index, frame.pts, rgb.to_ndarray())
+
+
+def _rotate_tag(stream) -> int:
+    """Rotation from the legacy `rotate` tag (clockwise), as counter-clockwise degrees."""
+    try:
+        return -int(stream.metadata.get("rotate", 0)) % 360
+    except ValueError:
+        return 0
+
+
+@dataclass(frozen=True)
+class EncoderSettings:
+    """How the upscaled video is encoded. None fields take ENCODER_DEFAULTS / the rules below.
+
+    pix_fmt: yuv420p, or yuv420p10le when the source has > 8 bits and the codec can.
+    options: extra encoder options (key, value), applied last.
+    format: container; default from the output extension, matroska for "-".
+    colorspace / color_range: the output's YUV matrix and range; default the source's matrix
+    when tagged, else the usual one for the OUTPUT size (bt709 for HD), and limited ("tv").
+    """
+
+    codec: str = "libx264"
+    crf: int | None = None
+    preset: str | None = None
+    pix_fmt: str | None = None
+    options: tuple[tuple[str, str], ...] = ()
+    format: str | None = None
+    colorspace: str | None = None
+    color_range: str | None = None
+
+
+class OutputClosedError(MediaError):
+    """The process reading our output (stdout) went away; the CLI should exit quietly."""
+
+
+def _is_broken_pipe(exc: BaseException) -> bool:
+    while exc is not None:
+        if isinstance(exc, BrokenPipeError) or getattr(exc, "errno", None) == errno.EPIPE:
+            return True
+        exc = exc.__cause__ or exc.__context__
+    return False
+
+
+def _encoder(name: str) -> av.Codec:
+    try:
+        codec = av.Codec(name, "w")
+    except (av.codec.codec.UnknownCodecError, ValueError):
+        codec = None
+    if codec is None or codec.type != "video":
+        available = sorted(n for n in ENCODER_DEFAULTS if n in av.codecs_available)
+        raise MediaError(f"this FFmpeg has no video encoder named {name!r}; "
+                         f"available: {', '.join(available)}")
+    return codec
+
+
+class VideoWriter:
+    """Encode upscaled frames and copy every other stream of `reader`'s input; a context manager.
+
+    destination: a path (written to a temporary name beside it and renamed on success, so a
+    failed run leaves nothing that looks complete) or "-" for stdout (video bytes only).
+    width, height: the upscaled size. The video stream keeps the source's time base, sample
+    aspect ratio, rotation and stream tags (language, title, disposition). Audio, subtitles,
+    data streams and other video streams are copied packet for packet with their tags and
+    disposition; attachments, chapters and container tags are copied too. A stream the output
+    container cannot carry is refused with a MediaError (never dropped). MP4/MOV to a pipe is
+    written fragmented. A reader closing the pipe raises OutputClosedError.
+    """
+
+    def __init__(self, destination, reader: VideoReader, width: int, height: int,
+                 encoder: EncoderSettings = EncoderSettings()):
+        self.reader = reader
+        self.width, self.height = width, height
+        self.frames_written = 0
+        self.retimed_frames = 0
+        self._last_source_pts = self._last_pts = None
+        self.label = "stdout" if destination == "-" else str(destination)
+        self._stack = ExitStack()
+        self._closed = False
+        try:
+            self._open(destination, encoder)
+        except BaseException as exc:
+            self._abort(exc)
+            raise
+
+    def __enter__(self) -> VideoWriter:
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc is None:
+            self.close()
+        else:
+            self._abort(exc)
+
+    def _open(self, destination, settings: EncoderSettings) -> None:
+        source = self.reader.container
+        fmt = settings.format
+        options = {}
+        if destination == "-":
+            fmt = fmt or PIPE_FORMAT
+            if fmt in _SEEKING_FORMATS:
+                options["movflags"] = _FRAGMENTED
+            target = sys.stdout.buffer
+        else:
+            path = Path(destination)
+            if fmt is None:
+                fmt = OUTPUT_FORMATS.get(path.suffix.lower())
+                if fmt is None:
+                    raise UsageError(f"cannot tell which container to write for {path}; "
+                                     f"use one of {', '.join(OUTPUT_FORMATS)}")
+            target = str(self._stack.enter_context(atomic_output(path)))
+        codec = _encoder(settings.codec)
+        try:
+            self.container = self._stack.enter_context(
+                av.open(target, "w", format=fmt, options=options))
+        except (av.FFmpegError, ValueError) as exc:
+            raise MediaError(f"cannot write {fmt} to {self.label} ({exc}); "
+                             f"choose another container") from exc
+        self.container.metadata.update(
+            {k: v for k, v in source.metadata.items() if k.lower() != "encoder"})
+        self._streams = {}
+        for stream in source.streams:
+            if stream is self.reader.stream:
+                self._streams[stream.index] = self._add_video(stream, codec, settings)
+            elif stream.type == "attachment":
+                self._add_attachment(stream)
+            else:
+                self._streams[stream.index] = self._copy_stream(stream)
+        chapters = source.chapters()
+        if chapters:
+            self.container.set_chapters(chapters)
+
+    def _add_video(self, source, codec: av.Codec, settings: EncoderSettings):
+        info = self.reader.info
+        options = dict(ENCODER_DEFAULTS.get(codec.name, {}))
+        if settings.crf is not None:
+            options["crf"] = str(settings.crf)
+        if settings.preset is not None:
+            options["preset"] = settings.preset
+        options.update(settings.options)
+        formats = [f.name for f in codec.video_formats or ()]
+        pix_fmt = settings.pix_fmt
+        if pix_fmt is None:
+            pix_fmt = "yuv420p10le" if info.deep and "yuv420p10le" in formats else "yuv420p"
+        if formats and pix_fmt not in formats:
+            raise MediaError(f"encoder {codec.name} cannot write pixel format {pix_fmt}; "
+                             f"it takes {', '.join(formats)}")
+        try:
+            stream = self.container.add_stream(codec.name, options=options)
+        except ValueError as exc:
+            raise MediaError(f"{self.label}: the {self.container.format.name} container cannot "
+                             f"hold {codec.name} video; choose another container") from exc
+        ctx = stream.codec_context
+        stream.width, stream.height, stream.pix_fmt = self.width, self.height, pix_fmt
+        stream.time_base = ctx.time_base = info.time_base
+        rate = next((r for r in (info.average_rate, info.guessed_rate) if r and r <= 240), None)
+        if rate:
+            # Rate control of several encoders (SVT-AV1, VP9) reads the frame rate; the
+            # timestamps themselves stay the source's, so VFR stays VFR. Matroska often
+            # reports an average rate of 1000 (its time base), hence the plausibility check.
+            ctx.framerate = rate
+        if info.sample_aspect_ratio:
+            ctx.sample_aspect_ratio = info.sample_aspect_ratio
+        if info.rotation:
+            stream.set_display_rotation(info.rotation)
+        if settings.colorspace:
+            matrix = settings.colorspace
+        elif info.colorspace_guessed or info.colorspace == "gbr":
+            matrix = default_colorspace(self.width, self.height)
+        else:
+            matrix = info.colorspace
+        if matrix not in _SWS_MATRIX:
+            raise UsageError(f"cannot write the {matrix} colour matrix; "
+                             f"use one of {', '.join(_SWS_MATRIX)}")
+        colour_range = settings.color_range or "tv"
+        if colour_range not in _SWS_RANGE:
+            raise UsageError(f"unknown colour range {colour_range!r}; use tv (limited) or pc (full)")
+        primaries, trc = _PRIMARIES_TRC_FOR_MATRIX.get(matrix, (None, None))
+        primaries = info.color_primaries or primaries
+        trc = info.color_trc or trc
+        ctx.colorspace = _code(COLORSPACES, matrix)
+        ctx.color_range = _code(COLOR_RANGES, colour_range)
+        if primaries:
+            ctx.color_primaries = _code(COLOR_PRIMARIES, primaries)
+        if trc:
+            ctx.color_trc = _code(COLOR_TRCS, trc)
+        self._to_yuv = dict(format=pix_fmt, dst_colorspace=_SWS_MATRIX[matrix],
+                            dst_color_range=_SWS_RANGE[colour_range], interpolation=_SWS_FLAGS)
+        self._reformatter = VideoReformatter()
+        stream.metadata.update({k: v for k, v in source.metadata.items()
+                                if not k.lower().startswith(_STALE_VIDEO_TAGS)})
+        stream.disposition = source.disposition
+        self.video = stream
+        return stream
+
+    def _copy_stream(self, source):
+        try:
+            stream = self.container.add_stream_from_template(source)
+        except ValueError as exc:
+            codec = source.codec_context.name if source.codec_context else "data"
+            raise MediaError(f"{self.label}: the {self.container.format.name} container cannot "
+                             f"carry stream {source.index} ({source.type}, {codec}); "
+                             f"write .mkv instead") from exc
+        # PyAV writes the metadata dict into the stream when the header is written.
+        stream.metadata.update(source.metadata)
+        stream.disposition = source.disposition
+        return stream
+
+    def _add_attachment(self, source) -> None:
+        name = source.metadata.get("filename")
+        if name is None:
+            raise MediaError(f"{self.reader.label}: attachment stream {source.index} has no "
+                             f"file name; remux the input with mkvmerge first")
+        try:
+            self.container.add_attachment(name, source.mimetype or "application/octet-stream",
+                                          source.data)
+        except (av.FFmpegError, ValueError) as exc:
+            raise MediaError(f"{self.label}: the {self.container.format.name} container cannot "
+                             f"carry attachments ({name}); write .mkv instead") from exc
+
+    def write_frame(self, rgb: np.ndarray, pts: int) -> None:
+        """Encode one upscaled frame, (height, width, 3) uint8 or uint16, at its SOURCE pts.
+
+        Frames come in presentation order. A frame repeating the previous timestamp (some
+        sources have them) is moved one tick of the time base later and counted in
+        `retimed_frames`: encoders and MP4 need increasing timestamps, and dropping the frame
+        as ffmpeg would is not allowed here. Timestamps that go backwards are an error.
+        """
+        if self._last_source_pts is not None and pts < self._last_source_pts:
+            raise MediaError(f"{self.label}: frame {self.frames_written} has pts {pts}, before "
+                             f"the previous frame's {self._last_source_pts}; frames must come "
+                             f"in presentation order")
+        self._last_source_pts = pts
+        if self._last_pts is not None and pts <= self._last_pts:
+            pts = self._last_pts + 1
+            self.retimed_frames += 1
+        self._last_pts = pts
+        if rgb.shape != (self.height, self.width, 3) or rgb.dtype not in (np.uint8, np.uint16):
+            raise MediaError(f"{self.label}: frame at pts {pts} is {rgb.dtype} {rgb.shape}, "
+                             f"expected ({self.height}, {self.width}, 3) uint8 or uint16")
+        frame = av.VideoFrame.from_ndarray(
+            np.ascontiguousarray(rgb), format="rgb48le" if rgb.dtype == np.uint16 else "rgb24")
+        frame = self._reformatter.reformat(frame, **self._to_yuv)
+        frame.pts = pts
+        frame.time_base = self.reader.info.time_base
+        with self._errors():
+            self.container.mux(self.video.encode(frame))
+        self.frames_written += 1
+
+    def write_packet(self, packet: av.Packet) -> None:
+        """Mux a packet of a copied stream (as yielded by VideoReader.events)."""
+        packet.stream = self._streams[packet.stream.index]
+        with self._errors():
+            self.container.mux(packet)
+
+    def close(self) -> None:
+        """Flush the encoder, write the trailer and (for a file) move it into place."""
+        if self._closed:
+            return
+        try:
+            with self._errors():
+                self.container.mux(self.video.encode(None))
+                self._closed = True
+                self._stack.close()
+        except BaseException as exc:
+            self._abort(exc)
+            raise
+
+    def _abort(self, exc: BaseException) -> None:
+        """Close everything after a failure; the temporary file is removed, never renamed."""
+        if self._closed:
+            return
+        self._closed = True
+        try:
+            self._stack.__exit__(type(exc), exc, exc.__traceback__)
+        except BaseException:
+            # The original failure is the one worth reporting; closing a broken container
+            # (e.g. a closed pipe) fails again for the same reason.
+            pass
+
+    @contextmanager
+    def _errors(self):
+        try:
+            yield
+        except (av.FFmpegError, OSError) as exc:
+            if _is_broken_pipe(exc):
+                raise OutputClosedError(f"{self.label} was closed by the reading process; "
+                                        f"output stopped early") from exc
+            raise MediaError(f"writing {self.label} failed ({exc}); "
+                             f"check free space and the encoder settings") from exc
+
+
+def _code(names: dict[int, str], name: str) -> int:
+    return next(code for code, known in names.items() if known == name)
