@@ -455,3 +455,20 @@ def test_resolution_change_mid_stream_is_refused(tmp_path):
     with VideoReader(joined) as reader:
         with pytest.raises(MediaError, match="frame 3 changes size from 64x48 to 96x64"):
             list(reader.events())
+
+
+def test_corrupt_packet_is_concealed_and_counted_or_refused_when_strict(tmp_path):
+    clip = make_clip(tmp_path / "in.mkv", codec="ffv1", audio=False)
+    with av.open(str(clip)) as container:
+        fourth = [bytes(p) for p in container.demux(video=0) if p.size][3]
+    data = bytearray(clip.read_bytes())
+    start = data.find(fourth[:64]) + 100
+    data[start:start + len(fourth) - 200] = np.random.default_rng(1).bytes(len(fourth) - 200)
+    broken = tmp_path / "broken.mkv"
+    broken.write_bytes(data)
+    with VideoReader(broken) as reader:
+        frames = sum(isinstance(e, VideoFrame) for e in reader.events())
+    assert reader.corrupt_packets == 1 and frames == 5
+    with VideoReader(broken, strict=True) as reader:
+        with pytest.raises(MediaError, match="corrupt video data near pts"):
+            list(reader.events())

@@ -433,7 +433,8 @@ class VideoReader:
     def _corrupt(self, packet, exc) -> None:
         self.corrupt_packets += 1
         if self.strict:
-            where = f"at pts {packet.pts}" if packet is not None else "at the end"
+            # With frame threading the decoder reports an error a few packets late.
+            where = f"near pts {packet.pts}" if packet is not None else "at the end"
             raise MediaError(f"{self.label}: corrupt video data {where}"
                              f"{f' ({exc.strerror})' if exc else ''}; "
                              f"drop --strict to conceal errors as ffmpeg does")
