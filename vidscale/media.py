@@ -8,6 +8,7 @@ import sys
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from fractions import Fraction
+from itertools import chain
 from pathlib import Path
 
 import av
@@ -321,6 +322,11 @@ class VideoReader:
     ffmpeg does, unless strict=True, which raises MediaError on the first one. Frames a decoder
     cannot produce (a stream starting mid-GOP) are not output. A size change mid-stream raises
     MediaError. Video streams other than the upscaled one are copied as they are.
+
+    YUV->RGB uses the source's matrix and range (see VideoInfo for untagged sources). BT.2020
+    (non-constant luminance) is converted with the BT.2020 matrix only, as swscale does: the RGB
+    stays in BT.2020 primaries and its transfer (PQ, HLG) is not tone-mapped, and the writer
+    tags the output with the source's primaries and transfer, so the round trip is faithful.
     """
 
     def __init__(self, source, *, deep: bool = False, strict: bool = False):
@@ -382,7 +388,7 @@ class VideoReader:
             average_rate=stream.average_rate,
             guessed_rate=stream.guessed_rate,
             sample_aspect_ratio=sar if sar else None,
-            rotation=round(frame.rotation) or _rotate_tag(stream),
+            rotation=round(frame.rotation) % 360 or _rotate_tag(stream),
             pix_fmt=fmt.name,
             bit_depth=max(c.bits for c in fmt.components),
             colorspace=matrix,
@@ -395,10 +401,8 @@ class VideoReader:
 
     def events(self):
         """Yield VideoFrame and av.Packet records in demux order (see the class docstring)."""
-        for event in self._lookahead:
-            yield self._frame(event) if isinstance(event, av.VideoFrame) else event
-        self._lookahead = []
-        for event in self._events:
+        lookahead, self._lookahead = self._lookahead, []
+        for event in chain(lookahead, self._events):
             yield self._frame(event) if isinstance(event, av.VideoFrame) else event
 
     def _demux(self):
