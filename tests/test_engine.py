@@ -31,6 +31,14 @@ def test_u16_variant_keeps_all_16_bits(engine):
     assert np.array_equal(out[0], nearest(frame[0], 4))
 
 
+def test_auto_precision_keeps_16_bit_samples_at_f32(identity_model, cache_dir):
+    # bf16 holds 8 significant bits; under "auto" it would quietly turn 16-bit input into 8-bit.
+    engine = Engine(resolve(identity_model), EngineSettings(precision="auto", cache_dir=cache_dir))
+    assert engine.precision_for("u16") == "f32"
+    frame = np.random.default_rng(8).integers(0, 65536, (1, 6, 5, 3), dtype=np.uint16)
+    assert np.array_equal(engine.upscaler((6, 5), sample="u16")(frame)[0], nearest(frame[0], 4))
+
+
 @pytest.mark.parametrize("bias", [0.2, -0.302])  # no x.5 ties: float32 rounding
 def test_out_of_range_values_clamp_instead_of_wrapping(tmp_path, cache_dir, bias):
     # Regression: OpenVINO's f32->u8 convert truncates and wraps (300 becomes 44), so a model that

@@ -85,7 +85,7 @@ def run_models(args: argparse.Namespace) -> int:
 
 def run_image(args: argparse.Namespace) -> int:
     from .media import Image, check_output, read_image, write_image
-    from .pipeline import FrameUpscaler
+    from .pipeline import FrameUpscaler, sample_type
 
     check_output(args.output, [args.input], args.overwrite)
     picture = read_image(args.input)
@@ -100,9 +100,10 @@ def run_image(args: argparse.Namespace) -> int:
     write_image(Image(rgb), args.output)
     if not args.quiet:
         h, w = picture.pixels.shape[:2]
+        precision = upscaler.engine.precision_for(sample_type(rgb.dtype))
         print(f"{args.output}: {w}x{h} -> {rgb.shape[1]}x{rgb.shape[0]} with {upscaler.model.name} "
-              f"({upscaler.engine.precision}, {upscaler.engine.settings.device}) in "
-              f"{time.monotonic() - started:.1f} s", file=sys.stderr)
+              f"({precision}, {upscaler.engine.settings.device}) in {time.monotonic() - started:.1f} s",
+              file=sys.stderr)
     return 0
 
 

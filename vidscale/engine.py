@@ -155,6 +155,16 @@ class Engine:
         os.replace(tmp.with_suffix(".bin"), xml.with_suffix(".bin"))
         os.replace(tmp, xml)
 
+    def precision_for(self, sample: str) -> str:
+        """The precision a graph for `sample` runs at.
+
+        bf16 carries 8 significant bits, so it would round 16-bit samples (10-bit video, 16-bit
+        PNG) back to about 8 bits: under "auto" they run at f32. An explicit request is obeyed.
+        """
+        if sample == "u16" and self.settings.precision == "auto":
+            return "f32"
+        return self.precision
+
     def check_outscale(self, outscale: int) -> None:
         if not 1 <= outscale <= self.native_scale:
             raise UsageError(f"scale {outscale} is not possible with {self.model.name} "
@@ -172,27 +182,29 @@ class Engine:
         if h <= 0 or w <= 0 or h % m or w % m or batch <= 0:
             raise EngineError(f"tile shape {h}x{w} (batch {batch}) is not valid for {self.model.name}: "
                               f"height and width must be positive multiples of {m}")
-        key = (h, w, batch, outscale, sample, self.precision, self.settings.device)
+        precision = self.precision_for(sample)
+        key = (h, w, batch, outscale, sample, precision, self.settings.device)
         with self._lock:
             found = self._compiled.get(key)
             if found is not None:
                 self._compiled.move_to_end(key)
                 return found
-            upscaler = Upscaler(self._compile(h, w, batch, outscale, sample), self.model.name,
+            upscaler = Upscaler(self._compile(h, w, batch, outscale, sample, precision), self.model.name,
                                 outscale, sample, self.settings.requests)
             self._compiled[key] = upscaler
             if len(self._compiled) > _COMPILED_CACHE_SIZE:
                 self._compiled.popitem(last=False)
             return upscaler
 
-    def _compile(self, h: int, w: int, batch: int, outscale: int, sample: str) -> ov.CompiledModel:
+    def _compile(self, h: int, w: int, batch: int, outscale: int, sample: str,
+                 precision: str) -> ov.CompiledModel:
         graph = _static_graph(self._read_ir(), batch, h, w, self.native_scale, outscale, sample)
         config = {
             "PERFORMANCE_HINT": "THROUGHPUT",
             "CACHE_DIR": str(self.settings.resolved_cache_dir / "openvino"),
         }
         if not self.settings.device.partition(":")[0].upper() in ("AUTO", "MULTI", "HETERO", "BATCH"):
-            config["INFERENCE_PRECISION_HINT"] = self.precision
+            config["INFERENCE_PRECISION_HINT"] = precision
         try:
             return core().compile_model(graph, self.settings.device, config)
         except RuntimeError as exc:

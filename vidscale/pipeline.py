@@ -15,6 +15,14 @@ from .tiling import TilePlan, choose_tile, plan_tiles, split, stitch
 _SAMPLES = {np.dtype(np.uint8): "u8", np.dtype(np.uint16): "u16"}
 
 
+def sample_type(dtype: np.dtype) -> str:
+    """The engine's name for frames of this dtype."""
+    sample = _SAMPLES.get(np.dtype(dtype))
+    if sample is None:
+        raise UsageError(f"frames must be uint8 or uint16 RGB arrays, not {np.dtype(dtype)}")
+    return sample
+
+
 class FrameUpscaler:
     """Upscales RGB frames held in numpy arrays: (H, W, 3) uint8 or uint16 in, (H*s, W*s, 3) out.
 
@@ -64,11 +72,11 @@ class FrameUpscaler:
         return self.engine.upscaler(plan.tile_shape, outscale=self.scale, sample=sample)
 
     def __call__(self, frame: np.ndarray) -> np.ndarray:
-        if frame.ndim != 3 or frame.shape[2] != 3 or frame.dtype not in _SAMPLES:
-            raise UsageError(f"frames must be (height, width, 3) uint8 or uint16 RGB arrays, "
-                             f"got {frame.shape} {frame.dtype}")
+        sample = sample_type(frame.dtype)
+        if frame.ndim != 3 or frame.shape[2] != 3:
+            raise UsageError(f"frames must be (height, width, 3) RGB arrays, got shape {frame.shape}")
         plan = self.plan(frame.shape[0], frame.shape[1])
-        upscaler = self.upscaler_for(plan, _SAMPLES[frame.dtype])
+        upscaler = self.upscaler_for(plan, sample)
         tiles = split(plan, frame)
         if len(plan) == 1:
             return stitch(plan, upscaler(tiles))

@@ -1,0 +1,115 @@
+"""`vidscale image` and `vidscale models` as a person runs them: files in, files out, exit statuses."""
+
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from conftest import nearest
+from vidscale.cli import main
+from vidscale.media import Image, read_image, write_image
+
+
+@pytest.fixture
+def run(cache_dir, capsys):
+    def run(*args: str) -> tuple[int, str]:
+        status = main(["--cache-dir", str(cache_dir), *args])
+        return status, capsys.readouterr().err
+
+    return run
+
+
+def test_rgba_keeps_its_alpha(tmp_path, run, identity_model):
+    rng = np.random.default_rng(5)
+    pixels = rng.integers(0, 256, (13, 17, 4), dtype=np.uint8)
+    write_image(Image(pixels), tmp_path / "in.png")
+    status, _ = run("image", str(tmp_path / "in.png"), "-o", str(tmp_path / "out.png"), "-m", str(identity_model))
+    assert status == 0
+    out = read_image(tmp_path / "out.png").pixels
+    assert out.shape == (52, 68, 4)
+    assert np.array_equal(out, nearest(pixels, 4))
+
+
+def test_a_16_bit_png_keeps_16_bits(tmp_path, run, identity_model):
+    pixels = np.random.default_rng(6).integers(0, 65536, (9, 10, 3), dtype=np.uint16)
+    write_image(Image(pixels), tmp_path / "deep.png")
+    assert run("image", str(tmp_path / "deep.png"), "-o", str(tmp_path / "out.png"), "-m", str(identity_model),
+               "-s", "2")[0] == 0
+    out = read_image(tmp_path / "out.png").pixels
+    assert out.dtype == np.uint16 and out.shape == (18, 20, 3)
+    # Not rounded to 8 bits: the low byte survives.
+    assert len(np.unique(out & 0xFF)) > 200
+
+
+def test_jpeg_output_and_its_limits(tmp_path, run, identity_model):
+    pixels = np.full((8, 8, 3), 128, np.uint8)
+    write_image(Image(pixels), tmp_path / "grey.png")
+    assert run("image", str(tmp_path / "grey.png"), "-o", str(tmp_path / "out.jpg"), "-m", str(identity_model))[0] == 0
+    assert np.abs(read_image(tmp_path / "out.jpg").pixels.astype(int) - 128).max() <= 2
+    write_image(Image(np.full((8, 8, 4), 128, np.uint8)), tmp_path / "alpha.png")
+    status, err = run("image", str(tmp_path / "alpha.png"), "-o", str(tmp_path / "alpha.jpg"), "-m",
+                      str(identity_model))
+    assert status == 2 and "JPEG has no alpha channel" in err and "write a .png" in err
+    assert not (tmp_path / "alpha.jpg").exists()
+
+
+@pytest.mark.parametrize("case, status, message", [
+    ("missing", 5, "does not exist"),
+    ("directory", 5, "is a directory"),
+    ("empty", 5, "is empty"),
+    ("garbage", 5, "is not a readable image"),
+    ("exists", 2, "already exists; pass --overwrite"),
+    ("same", 2, "is the input file"),
+    ("model", 3, "unknown model 'no-such-model'; known models: RealESRGAN_x4plus_anime_6B"),
+    ("device", 4, "device 'GPU' is not available"),
+    ("scale", 2, "scale 8 is not possible"),
+])
+def test_bad_requests_fail_with_one_clear_line_and_leave_nothing(tmp_path, run, identity_model, case, status,
+                                                                message):
+    good = tmp_path / "good.png"
+    write_image(Image(np.zeros((4, 4, 3), np.uint8)), good)
+    source, output, extra = good, tmp_path / "out.png", ["-m", str(identity_model)]
+    if case == "missing":
+        source = tmp_path / "nope.png"
+    elif case == "directory":
+        source = tmp_path
+    elif case == "empty":
+        source = tmp_path / "empty.png"
+        source.write_bytes(b"")
+    elif case == "garbage":
+        source = tmp_path / "garbage.png"
+        source.write_bytes(np.random.default_rng(7).bytes(5000))
+    elif case == "exists":
+        output.write_bytes(b"keep me")
+    elif case == "same":
+        output = good
+    elif case == "model":
+        extra = ["-m", "no-such-model"]
+    elif case == "device":
+        extra += ["--device", "GPU"]
+    elif case == "scale":
+        extra += ["-s", "8"]
+    before = source.read_bytes() if source.is_file() else None
+    got, err = run("image", str(source), "-o", str(output), *extra)
+    assert got == status
+    assert message in err and len(err.strip().splitlines()) == 1
+    if before is not None:
+        assert source.read_bytes() == before
+    if case == "exists":
+        assert output.read_bytes() == b"keep me"
+    elif case != "same":
+        assert not output.exists()
+    assert not list(tmp_path.glob(".*partial"))
+
+
+def test_models_lists_the_catalog_through_python_m(cache_dir):
+    done = subprocess.run([sys.executable, "-m", "vidscale", "--cache-dir", str(cache_dir), "models"],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    lines = done.stdout.splitlines()
+    assert lines[0].split() == ["name", "scale", "architecture", "parameters", "source", "converted"]
+    rows = {line.split()[0]: line.split() for line in lines[1:]}
+    assert set(rows) == {"RealESRGAN_x4plus_anime_6B", "realesr-animevideov3", "RealESRGAN_x4plus"}
+    assert rows["RealESRGAN_x4plus_anime_6B"][1:4] == ["x4", "RRDBNet", "4,467,779"]
+    assert rows["realesr-animevideov3"][1:4] == ["x4", "SRVGGNetCompact", "621,424"]
