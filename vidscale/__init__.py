@@ -1,0 +1,37 @@
+"""vidscale: Real-ESRGAN video and picture upscaling on OpenVINO, with static shapes.
+
+    import vidscale
+    vidscale.upscale("episode.mkv", "episode.4x.mkv", model="realesr-animevideov3", scale=2)
+
+    frames = vidscale.FrameUpscaler(vidscale.UpscaleSettings(model="RealESRGAN_x4plus_anime_6B"))
+    big = frames(rgb)   # (H, W, 3) uint8/uint16 numpy array in, (4H, 4W, 3) out
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import replace
+
+from .config import UpscaleSettings
+from .errors import EngineError, MediaError, ModelError, OutputClosedError, UsageError, VidscaleError
+from .media import EncoderSettings
+from .pipeline import FrameUpscaler, VideoResult, upscale_video
+
+__all__ = [
+    "EncoderSettings", "EngineError", "FrameUpscaler", "MediaError", "ModelError", "OutputClosedError",
+    "UpscaleSettings", "UsageError", "VideoResult", "VidscaleError", "upscale",
+]
+
+
+def upscale(source: str | os.PathLike | object, destination: str | os.PathLike, *,
+            settings: UpscaleSettings = UpscaleSettings(), encoder: EncoderSettings = EncoderSettings(),
+            strict: bool = False, overwrite: bool = False, progress=None, **changes) -> VideoResult:
+    """Upscale a video file or stream into `destination`, copying every other stream.
+
+    `source` is a path, "-" (stdin) or a readable binary file object; `destination` a path or "-".
+    Keyword `changes` override fields of `settings` (model, scale, tile, precision, device, ...)
+    or, for codec/crf/preset/pix_fmt/format, of `encoder`.
+    """
+    encoder_fields = {k: changes.pop(k) for k in ("codec", "crf", "preset", "pix_fmt", "format") if k in changes}
+    return upscale_video(source, destination, replace(settings, **changes), replace(encoder, **encoder_fields),
+                         strict=strict, overwrite=overwrite, progress=progress)

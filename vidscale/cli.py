@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from pathlib import Path
 
 import numpy as np
 
-from .config import DEFAULT_IMAGE_MODEL, UpscaleSettings
-from .errors import VidscaleError
+from .config import DEFAULT_IMAGE_MODEL, DEFAULT_VIDEO_MODEL, UpscaleSettings
+from .errors import OutputClosedError, UsageError, VidscaleError
+from .progress import MODES, make_progress
 from .tiling import DEFAULT_OVERLAP
 
 EXIT_INTERRUPTED = 130
@@ -29,6 +31,13 @@ def _tile(text: str) -> tuple[int, int] | None:
     if len(parts) != 2 or min(parts) <= 0:
         raise argparse.ArgumentTypeError(f"tile {text!r} must be 0 (automatic), N or HxW with N > 0")
     return parts[0], parts[1]
+
+
+def _key_value(text: str) -> tuple[str, str]:
+    key, sep, value = text.partition("=")
+    if not sep or not key:
+        raise argparse.ArgumentTypeError(f"encoder option {text!r} is not KEY=VALUE")
+    return key, value
 
 
 def _engine_options(parser: argparse.ArgumentParser, default_model: str) -> None:
@@ -53,6 +62,27 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     commands.add_parser("models", help="list the bundled models")
+
+    video = commands.add_parser("upscale", help="upscale a video, keeping every other stream",
+                                description="Upscale the first video stream of INPUT; audio, subtitles, "
+                                            "fonts, chapters and metadata are copied unchanged.")
+    video.add_argument("input", nargs="?", help="video file, or - for stdin")
+    video.add_argument("-i", "--input", dest="input_option", metavar="INPUT", help="same as the positional INPUT")
+    video.add_argument("-o", "--output", required=True, help="file to write, or - for stdout")
+    video.add_argument("--overwrite", action="store_true", help="replace OUTPUT if it exists")
+    _engine_options(video, DEFAULT_VIDEO_MODEL)
+    video.add_argument("-c:v", "--codec", default="libx264",
+                       help="video encoder: libx264 (default), libx265, libsvtav1, libvpx-vp9, ffv1")
+    video.add_argument("--crf", type=int, help="encoder quality (default: per encoder, see README)")
+    video.add_argument("--preset", help="encoder speed preset")
+    video.add_argument("--pix-fmt", help="output pixel format (default: yuv420p, or yuv420p10le for 10-bit input)")
+    video.add_argument("-x", "--encoder-option", action="append", default=[], type=_key_value, metavar="KEY=VALUE",
+                       help="extra encoder option, repeatable (e.g. -x tune=animation)")
+    video.add_argument("-f", "--format", help="output container (default: from the extension; matroska for -)")
+    video.add_argument("--strict", action="store_true",
+                       help="fail on corrupt input packets instead of concealing them")
+    video.add_argument("--progress", choices=MODES, default="auto",
+                       help="bar (tqdm), json (JSON lines), none; auto = bar on a terminal")
 
     image = commands.add_parser("image", help="upscale one still picture (PNG or JPEG)")
     image.add_argument("input", type=Path)
@@ -83,6 +113,29 @@ def run_models(args: argparse.Namespace) -> int:
     return 0
 
 
+def run_upscale(args: argparse.Namespace) -> int:
+    from .media import EncoderSettings
+    from .pipeline import upscale_video
+
+    if (args.input is None) == (args.input_option is None):
+        raise UsageError("give the input once, as INPUT or -i INPUT (- for stdin)")
+    source = args.input if args.input is not None else args.input_option
+    encoder = EncoderSettings(codec=args.codec, crf=args.crf, preset=args.preset, pix_fmt=args.pix_fmt,
+                              options=tuple(args.encoder_option), format=args.format)
+    progress = make_progress("none" if args.quiet else args.progress)
+    result = upscale_video(source, args.output, settings_from(args), encoder, strict=args.strict,
+                           overwrite=args.overwrite, progress=progress)
+    if not args.quiet:
+        notes = []
+        if result.corrupt_packets:
+            notes.append(f"{result.corrupt_packets} corrupt packets concealed")
+        if result.retimed_frames:
+            notes.append(f"{result.retimed_frames} repeated timestamps moved one tick")
+        print(f"{args.output}: {result.frames} frames in {result.seconds:.1f} s ({result.fps:.2f} fps)"
+              + "".join(f"; {note}" for note in notes), file=sys.stderr)
+    return 0
+
+
 def run_image(args: argparse.Namespace) -> int:
     from .media import Image, check_output, read_image, write_image
     from .pipeline import FrameUpscaler, sample_type
@@ -110,9 +163,14 @@ def run_image(args: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    run = {"models": run_models, "image": run_image}[args.command]
+    run = {"models": run_models, "upscale": run_upscale, "image": run_image}[args.command]
     try:
         return run(args)
+    except OutputClosedError as exc:
+        # The reader of our stdout went away (`| head`): nothing to tell it, and Python's own
+        # flush of stdout at exit must not fail again with a traceback.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return exc.exit_status
     except VidscaleError as exc:
         print(f"vidscale: error: {exc}", file=sys.stderr)
         return exc.exit_status

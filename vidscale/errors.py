@@ -29,3 +29,10 @@ class MediaError(VidscaleError):
     """An input or output file that cannot be read or written as asked."""
 
     exit_status = 5
+
+
+class OutputClosedError(MediaError):
+    """The process reading our output (stdout) went away; the run stops quietly."""
+
+    # 128 + SIGPIPE, what a shell reports for a writer killed by a closed pipe.
+    exit_status = 141

@@ -15,7 +15,7 @@ import av
 import numpy as np
 from av.video.reformatter import ColorRange, Colorspace, Interpolation, VideoReformatter
 
-from .errors import MediaError, UsageError
+from .errors import MediaError, OutputClosedError, UsageError
 
 # PyAV's logging bridge can deadlock when FFmpeg logs from worker threads; errors reach us as
 # exceptions anyway.
@@ -494,10 +494,6 @@ class EncoderSettings:
     color_range: str | None = None
 
 
-class OutputClosedError(MediaError):
-    """The process reading our output (stdout) went away; the CLI should exit quietly."""
-
-
 def _is_broken_pipe(exc: BaseException) -> bool:
     while exc is not None:
         if isinstance(exc, BrokenPipeError) or getattr(exc, "errno", None) == errno.EPIPE:
@@ -516,6 +512,26 @@ def _encoder(name: str) -> av.Codec:
         raise MediaError(f"this FFmpeg has no video encoder named {name!r}; "
                          f"available: {', '.join(available)}")
     return codec
+
+
+def output_pix_fmt(codec: av.Codec | str, settings: EncoderSettings, info: VideoInfo) -> str:
+    """The pixel format the video is encoded in: the requested one, else yuv420p, or
+    yuv420p10le for a > 8-bit source when the encoder can write it."""
+    if isinstance(codec, str):
+        codec = _encoder(codec)
+    formats = [f.name for f in codec.video_formats or ()]
+    pix_fmt = settings.pix_fmt
+    if pix_fmt is None:
+        pix_fmt = "yuv420p10le" if info.deep and "yuv420p10le" in formats else "yuv420p"
+    if formats and pix_fmt not in formats:
+        raise MediaError(f"encoder {codec.name} cannot write pixel format {pix_fmt}; "
+                         f"it takes {', '.join(formats)}")
+    return pix_fmt
+
+
+def is_deep(pix_fmt: str) -> bool:
+    """More than 8 bits per sample: such output is fed 16-bit RGB so the extra bits are real."""
+    return max(c.bits for c in av.VideoFormat(pix_fmt).components) > 8
 
 
 class VideoWriter:
@@ -602,13 +618,7 @@ class VideoWriter:
         if settings.preset is not None:
             options["preset"] = settings.preset
         options.update(settings.options)
-        formats = [f.name for f in codec.video_formats or ()]
-        pix_fmt = settings.pix_fmt
-        if pix_fmt is None:
-            pix_fmt = "yuv420p10le" if info.deep and "yuv420p10le" in formats else "yuv420p"
-        if formats and pix_fmt not in formats:
-            raise MediaError(f"encoder {codec.name} cannot write pixel format {pix_fmt}; "
-                             f"it takes {', '.join(formats)}")
+        pix_fmt = output_pix_fmt(codec, settings, info)
         try:
             stream = self.container.add_stream(codec.name, options=options)
         except ValueError as exc:

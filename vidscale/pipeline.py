@@ -2,13 +2,20 @@
 
 from __future__ import annotations
 
-from dataclasses import replace
+import os
+import queue
+import threading
+import time
+from dataclasses import dataclass, replace
+from pathlib import Path
 
 import numpy as np
 
 from .config import UpscaleSettings
 from .engine import Engine, EngineSettings, InferQueue, Upscaler
-from .errors import UsageError
+from .errors import MediaError, UsageError
+from .media import (EncoderSettings, VideoFrame, VideoReader, VideoWriter, check_output, is_deep,
+                    output_pix_fmt)
 from .models import LoadedModel, resolve
 from .tiling import TilePlan, choose_tile, plan_tiles, split, stitch
 
@@ -97,3 +104,206 @@ class FrameUpscaler:
 def _store_tile(target: tuple[np.ndarray, int], output: np.ndarray) -> None:
     results, index = target
     results[index] = output[0]
+
+
+# Frames between the decoder and the encoder at any moment (decoded, in inference, awaiting
+# encode). Enough to keep every inference request busy, small enough that memory does not grow
+# with the length of the video.
+MAX_FRAMES_IN_FLIGHT = 6
+_DECODED_QUEUE = 4
+_POLL = 0.1
+_END = object()
+
+
+@dataclass(frozen=True)
+class VideoResult:
+    """What one video run did; every count comes from the run itself."""
+
+    output: str
+    frames: int
+    seconds: float
+    corrupt_packets: int
+    retimed_frames: int
+
+    @property
+    def fps(self) -> float:
+        return self.frames / self.seconds if self.seconds > 0 else 0.0
+
+
+class _Run:
+    """Shared state of one run: the first error wins and stops every stage."""
+
+    def __init__(self):
+        self.stop = threading.Event()
+        self.error: BaseException | None = None
+        self._lock = threading.Lock()
+
+    def fail(self, exc: BaseException) -> None:
+        with self._lock:
+            if self.error is None:
+                self.error = exc
+        self.stop.set()
+
+    def put(self, q: queue.Queue, item) -> bool:
+        """Put into a bounded queue unless the run stops while waiting."""
+        while not self.stop.is_set():
+            try:
+                q.put(item, timeout=_POLL)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def get(self, q: queue.Queue):
+        while not self.stop.is_set():
+            try:
+                return q.get(timeout=_POLL)
+            except queue.Empty:
+                continue
+        return _END
+
+    def wait(self, event: threading.Event) -> bool:
+        while not event.wait(_POLL):
+            if self.stop.is_set():
+                return False
+        return True
+
+    def acquire(self, semaphore: threading.Semaphore) -> bool:
+        while not semaphore.acquire(timeout=_POLL):
+            if self.stop.is_set():
+                return False
+        return True
+
+
+class _PendingFrame:
+    """A frame whose tiles are in inference; the OpenVINO callbacks fill it, the encoder waits."""
+
+    __slots__ = ("index", "pts", "results", "done", "_remaining", "_lock")
+
+    def __init__(self, index: int, pts: int, results: np.ndarray):
+        self.index, self.pts, self.results = index, pts, results
+        self.done = threading.Event()
+        self._remaining = len(results)
+        self._lock = threading.Lock()
+
+    def store(self, tile: int, output: np.ndarray) -> None:
+        self.results[tile] = output[0]
+        with self._lock:
+            self._remaining -= 1
+            finished = self._remaining == 0
+        if finished:
+            self.done.set()
+
+
+def _store_pending(target: tuple[_PendingFrame, int], output: np.ndarray) -> None:
+    pending, tile = target
+    pending.store(tile, output)
+
+
+def upscale_video(source, destination, settings: UpscaleSettings = UpscaleSettings(),
+                  encoder: EncoderSettings = EncoderSettings(), *, strict: bool = False,
+                  overwrite: bool = False, progress=None) -> VideoResult:
+    """Upscale the first video stream of `source` into `destination`, copying every other stream.
+
+    source/destination: paths, or "-" for stdin/stdout. Threads: a decoder feeding a bounded
+    queue; this thread tiling frames into the AsyncInferQueue; an encoder writing frames strictly
+    in order (and the other streams' packets where they were in the input). The first error in
+    any of them stops all, in-flight requests are drained, the partial output is removed, and the
+    error is raised here. Frames written must equal frames decoded, or the run fails.
+    """
+    from .progress import Progress
+
+    progress = progress or Progress()
+    started = time.monotonic()
+    if destination != "-":
+        named_source = isinstance(source, (str, os.PathLike)) and source != "-"
+        check_output(Path(destination), [Path(source)] if named_source else [], overwrite)
+    frame_upscaler = FrameUpscaler(settings)  # model and device problems surface before any I/O
+    with VideoReader(source, strict=strict) as reader:
+        info = reader.info
+        pix_fmt = output_pix_fmt(encoder.codec, encoder, info)
+        reader.deep = is_deep(pix_fmt)
+        plan = frame_upscaler.plan(info.height, info.width)
+        model = frame_upscaler.upscaler_for(plan, "u16" if reader.deep else "u8")
+        out_h, out_w = plan.out_shape
+        with VideoWriter(destination, reader, out_w, out_h, replace(encoder, pix_fmt=pix_fmt)) as writer:
+            progress.start(info.frames, reader.label)
+            try:
+                decoded = _run_stages(reader, writer, plan, model, progress)
+            finally:
+                progress.close()
+            if writer.frames_written != decoded:
+                raise MediaError(f"wrote {writer.frames_written} frames but decoded {decoded}; "
+                                 f"the output is incomplete and was not kept")
+        return VideoResult(output=str(destination), frames=decoded, seconds=time.monotonic() - started,
+                           corrupt_packets=reader.corrupt_packets, retimed_frames=writer.retimed_frames)
+
+
+def _run_stages(reader: VideoReader, writer: VideoWriter, plan: TilePlan, model: Upscaler, progress) -> int:
+    """Run decode, inference and encode concurrently; returns the number of frames decoded."""
+    run = _Run()
+    decoded_queue: queue.Queue = queue.Queue(maxsize=_DECODED_QUEUE)
+    ordered: queue.Queue = queue.Queue()  # bounded by the frame semaphore and demux interleaving
+    slots = threading.Semaphore(MAX_FRAMES_IN_FLIGHT)
+    inference = model.queue(_store_pending)
+    result_shape = (len(plan), *model.output_shape[1:])
+
+    def decode():
+        try:
+            for event in reader.events():
+                if not run.put(decoded_queue, event):
+                    return
+            run.put(decoded_queue, _END)
+        except BaseException as exc:  # noqa: BLE001 - handed to the owner
+            run.fail(exc)
+
+    def encode():
+        try:
+            while (item := run.get(ordered)) is not _END:
+                if isinstance(item, _PendingFrame):
+                    if not run.wait(item.done):
+                        return
+                    writer.write_frame(stitch(plan, item.results), item.pts)
+                    slots.release()
+                    progress.update(writer.frames_written)
+                else:
+                    writer.write_packet(item)
+        except BaseException as exc:  # noqa: BLE001 - handed to the owner
+            run.fail(exc)
+
+    threads = [threading.Thread(target=decode, name="vidscale-decode", daemon=True),
+               threading.Thread(target=encode, name="vidscale-encode", daemon=True)]
+    for thread in threads:
+        thread.start()
+    frames = 0
+    try:
+        while (event := run.get(decoded_queue)) is not _END:
+            if not isinstance(event, VideoFrame):
+                ordered.put(event)
+                continue
+            if not run.acquire(slots):
+                break
+            pending = _PendingFrame(event.index, event.pts, np.empty(result_shape, model.dtype))
+            tiles = split(plan, event.rgb)
+            for tile in range(len(plan)):
+                inference.submit(tiles[tile : tile + 1], (pending, tile))
+            ordered.put(pending)
+            frames += 1
+        ordered.put(_END)
+        inference.wait_all()
+    except BaseException as exc:
+        run.fail(exc)
+    finally:
+        if run.error is not None:
+            run.stop.set()
+            try:
+                inference.wait_all()  # drain: requests still write into frames we own
+            except BaseException:  # noqa: BLE001 - the first error is the one reported
+                pass
+        for thread in threads:
+            # After a failure the decoder may sit in a blocking read of a pipe that stays quiet;
+            # it is a daemon thread and must not keep the run from reporting the error.
+            thread.join(timeout=None if run.error is None else 5)
+    if run.error is not None:
+        raise run.error
+    return frames

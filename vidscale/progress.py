@@ -1,0 +1,92 @@
+"""Progress for people (a tqdm bar on stderr) and for programs (JSON lines on stderr).
+
+stdout may be carrying video, so nothing here ever writes to it.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from typing import TextIO
+
+from tqdm import tqdm
+
+MODES = ("auto", "bar", "json", "none")
+_JSON_INTERVAL = 1.0
+
+
+class Progress:
+    """Silent progress; the base of the others. `update` is told the number of frames written."""
+
+    def start(self, total: int | None, label: str) -> None:
+        pass
+
+    def update(self, frames: int) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+class BarProgress(Progress):
+    def __init__(self, stream: TextIO):
+        self._stream = stream
+        self._bar: tqdm | None = None
+
+    def start(self, total: int | None, label: str) -> None:
+        self._bar = tqdm(total=total, desc=label, unit="frame", file=self._stream, dynamic_ncols=True,
+                         smoothing=0.1)
+
+    def update(self, frames: int) -> None:
+        self._bar.update(frames - self._bar.n)
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.close()
+
+
+class JsonProgress(Progress):
+    """One JSON object per line, at most once a second and once at the end, for wrappers."""
+
+    def __init__(self, stream: TextIO):
+        self._stream = stream
+        self._total: int | None = None
+        self._started = self._last = 0.0
+        self._frames = 0
+
+    def start(self, total: int | None, label: str) -> None:
+        self._total = total
+        self._started = time.monotonic()
+        self._last = 0.0
+
+    def update(self, frames: int) -> None:
+        self._frames = frames
+        now = time.monotonic()
+        if now - self._last >= _JSON_INTERVAL:
+            self._emit(now)
+
+    def close(self) -> None:
+        if self._started:
+            self._emit(time.monotonic())
+
+    def _emit(self, now: float) -> None:
+        self._last = now
+        elapsed = now - self._started
+        fps = self._frames / elapsed if elapsed > 0 else 0.0
+        eta = (self._total - self._frames) / fps if self._total and fps > 0 else None
+        record = {"frame": self._frames, "total": self._total, "fps": round(fps, 3),
+                  "eta": None if eta is None else round(eta, 1), "elapsed": round(elapsed, 1)}
+        self._stream.write(json.dumps(record) + "\n")
+        self._stream.flush()
+
+
+def make_progress(mode: str, stream: TextIO = sys.stderr) -> Progress:
+    """`auto` shows a bar only when stderr is a terminal, so logs of unattended runs stay clean."""
+    if mode == "auto":
+        mode = "bar" if stream.isatty() else "none"
+    if mode == "bar":
+        return BarProgress(stream)
+    if mode == "json":
+        return JsonProgress(stream)
+    return Progress()
