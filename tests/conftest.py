@@ -43,3 +43,8 @@ def identity_model(tmp_path_factory) -> Path:
 
 def nearest(frame: np.ndarray, scale: int) -> np.ndarray:
     return frame.repeat(scale, axis=0).repeat(scale, axis=1)
+
+
+@pytest.fixture(scope="session")
+def identity_x2(tmp_path_factory) -> Path:
+    return save_compact(tmp_path_factory.mktemp("models") / "identity_x2.safetensors", upscale=2)

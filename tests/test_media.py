@@ -4,12 +4,12 @@ import os
 import sys
 import threading
 from fractions import Fraction
-from pathlib import Path
 
 import av
 import numpy as np
 import pytest
 
+from clips import demux_all, make_clip, pattern, stream_tags
 from conftest import media, nearest
 from vidscale.errors import MediaError
 from vidscale.media import (
@@ -17,89 +17,6 @@ from vidscale.media import (
 )
 
 FAST = EncoderSettings(preset="ultrafast")
-ASS_HEADER = b"[Script Info]\nScriptType: v4.00+\n\n[Events]\nFormat: ReadOrder, Layer, Style, " \
-             b"Name, MarginL, MarginR, MarginV, Effect, Text\n"
-
-
-def pattern(height: int, width: int, shift: int = 0) -> np.ndarray:
-    """Blocks of saturated and mid colours (so a wrong matrix shows), moving with `shift`."""
-    colours = np.array([(235, 20, 20), (20, 200, 40), (30, 40, 220), (200, 200, 30),
-                        (128, 128, 128), (250, 250, 250), (10, 10, 10), (90, 30, 160)], np.uint8)
-    y, x = np.mgrid[0:height, 0:width]
-    return colours[((y // 16) * 4 + x // 16 + shift) % len(colours)]
-
-
-def make_clip(path, *, frames=6, size=(64, 48), pts=None, time_base=Fraction(1, 1000),
-              codec="libx264", pix_fmt="yuv420p", fmt=None, colour=None, audio=True,
-              subtitles=False, attachment=False, chapters=False, rotation=0, sar=None):
-    """A small clip made here: `colour` is (sws matrix name, range, AVCOL colorspace code) or
-    None for an untagged BT.601 limited picture."""
-    width, height = size
-    pts = list(range(0, frames * 40, 40)) if pts is None else pts
-    with av.open(str(path), "w", format=fmt) as out:
-        video = out.add_stream(codec, rate=25, options={"preset": "ultrafast"}
-                               if codec == "libx264" else {})
-        video.width, video.height, video.pix_fmt = width, height, pix_fmt
-        video.time_base = video.codec_context.time_base = time_base
-        matrix, colour_range = "ITU601", "MPEG"
-        if colour is not None:
-            matrix, colour_range, code = colour
-            video.codec_context.colorspace = code
-            video.codec_context.color_range = 1 if colour_range == "MPEG" else 2
-        if sar:
-            video.codec_context.sample_aspect_ratio = sar
-        if rotation:
-            video.set_display_rotation(rotation)
-        video.metadata["language"] = "jpn"
-        video.metadata["title"] = "picture"
-        if audio:
-            sound = out.add_stream("aac", rate=8000)
-            sound.metadata.update(language="eng", title="Commentary")
-            sound.disposition = av.stream.Disposition.forced
-            second = out.add_stream("flac", rate=8000)
-            second.metadata["language"] = "fre"
-        if subtitles:
-            srt = out.add_mux_stream("subrip")
-            srt.metadata.update(language="ger", title="Signs")
-            srt.disposition = av.stream.Disposition.default | av.stream.Disposition.forced
-            ass = out.add_mux_stream("ass")
-            ass.metadata["language"] = "jpn"
-        if attachment:
-            out.add_attachment("ZenMaru.ttf", "font/ttf", b"\x00\x01\x00\x00FAKEFONT" * 50)
-        if chapters:
-            out.set_chapters([
-                {"id": 1, "start": 0, "end": 100, "time_base": Fraction(1, 1000),
-                 "metadata": {"title": "Opening"}},
-                {"id": 2, "start": 100, "end": 240, "time_base": Fraction(1, 1000),
-                 "metadata": {"title": "Part A"}}])
-        out.metadata["title"] = "made by test_media"
-        for i, stamp in enumerate(pts):
-            frame = av.VideoFrame.from_ndarray(pattern(height, width, i), format="rgb24")
-            frame = frame.reformat(format=pix_fmt, dst_colorspace=matrix,
-                                   dst_color_range=colour_range)
-            frame.pts, frame.time_base = stamp, time_base
-            out.mux(video.encode(frame))
-            if subtitles and i < 2:
-                for stream, text in ((srt, b"Hello %d" % i), (ass, b"%d,0,Default,,0,0,0,,Hi" % i)):
-                    packet = av.Packet(text)
-                    packet.stream, packet.time_base = stream, Fraction(1, 1000)
-                    packet.pts = packet.dts = stamp
-                    packet.duration = 40
-                    out.mux(packet)
-        out.mux(video.encode())
-        if audio:
-            for stream in (sound, second):
-                samples = (np.sin(np.arange(2048) / 5) * 8000).astype(np.int16)[None]
-                fmt_name = "fltp" if stream.codec_context.name == "aac" else "s16"
-                data = samples.astype(np.float32) / 32768 if fmt_name == "fltp" else samples
-                for start in (0, 1024):
-                    sound_frame = av.AudioFrame.from_ndarray(
-                        np.ascontiguousarray(data[:, start:start + 1024]), format=fmt_name,
-                        layout="mono")
-                    sound_frame.sample_rate, sound_frame.pts = 8000, start
-                    out.mux(stream.encode(sound_frame))
-                out.mux(stream.encode())
-    return Path(path)
 
 
 def upscale(source, destination, *, scale=2, deep=False, settings=FAST, strict=False):
@@ -119,28 +36,6 @@ def upscale(source, destination, *, scale=2, deep=False, settings=FAST, strict=F
                     writer.write_packet(event)
         assert writer.frames_written == len(seen_pts)
     return info, seen_pts, packets
-
-
-def demux_all(path):
-    """(video pts rescaled to seconds as Fractions, non-video packets, container)."""
-    with av.open(str(path)) as container:
-        video = container.streams.video[0]
-        video_pts, packets = [], []
-        for packet in container.demux():
-            if packet.size == 0 or packet.stream.type == "attachment":
-                continue
-            if packet.stream is video:
-                video_pts.append(packet.pts * packet.time_base)
-            else:
-                packets.append((packet.stream.index, bytes(packet)))
-    return sorted(video_pts), packets
-
-
-def stream_tags(path):
-    with av.open(str(path)) as container:
-        return ([(s.type, s.language, s.metadata.get("title"), int(s.disposition))
-                 for s in container.streams if s.type != "attachment"],
-                container.chapters(), dict(container.metadata))
 
 
 def rounded(pts, time_base, out_time_base):
@@ -292,6 +187,30 @@ def test_ten_bit_bt2020_read_deep_and_written_ten_bit(tmp_path):
         frames = [e for e in out.events() if isinstance(e, VideoFrame)]
     assert len(frames) == len(pts) == 72
     assert frames[0].rgb.dtype == np.uint16 and frames[0].rgb.shape == (480, 852, 3)
+
+
+def test_deep_decode_clips_out_of_range_yuv_instead_of_wrapping(tmp_path):
+    # Regression: swscale's full-chroma YUV->rgb48 path wrapped out-of-range samples (bright
+    # pixels became black or green on frame 40 of the BT.2020 clip once re-encoded).
+    rng = np.random.default_rng(9)
+    path = tmp_path / "extreme.mkv"
+    with av.open(str(path), "w") as out:
+        video = out.add_stream("ffv1", rate=25)
+        video.width, video.height, video.pix_fmt = 32, 16, "yuv420p10le"
+        frame = av.VideoFrame(32, 16, "yuv420p10le")
+        # Luma over the whole 10-bit scale, chroma flat (so chroma interpolation cannot differ)
+        # but far outside the nominal 64-960 range.
+        for plane, low, high in zip(frame.planes, (0, 10, 1000), (1024, 11, 1001)):
+            samples = np.frombuffer(plane, np.uint16).reshape(plane.height, plane.line_size // 2)
+            samples[:, : plane.width] = rng.integers(low, high, (plane.height, plane.width))
+        frame.pts = 0
+        out.mux(video.encode(frame))
+        out.mux(video.encode())
+    with VideoReader(path, deep=True) as deep, VideoReader(path) as shallow:
+        wide = next(e for e in deep.events() if isinstance(e, VideoFrame)).rgb.astype(int)
+        narrow = next(e for e in shallow.events() if isinstance(e, VideoFrame)).rgb.astype(int) * 257
+    # The 8-bit decode clips correctly; a wrap would be a jump across the whole scale.
+    assert np.abs(wide - narrow).max() < 2 * 257
 
 
 def test_odd_dimensions(tmp_path):

@@ -168,6 +168,10 @@ _PRIMARIES_TRC_FOR_MATRIX = {"bt709": ("bt709", "bt709"),
 # ACCURATE_RND keeps a YUV->RGB->YUV round trip within one code value; FULL_CHR_H_INT
 # interpolates chroma horizontally instead of repeating it, which matters for sharp line art.
 _SWS_FLAGS = Interpolation.BILINEAR | Interpolation.ACCURATE_RND | Interpolation.FULL_CHR_H_INT
+# swscale's full-chroma YUV->rgb48 path wraps instead of clipping when YUV samples lie outside
+# the nominal range (real encodes have them): a bright pixel comes out black or green. The
+# 16-bit decode therefore does without FULL_CHR_H_INT.
+_SWS_FLAGS_DEEP_DECODE = Interpolation.BILINEAR | Interpolation.ACCURATE_RND
 
 ENCODER_DEFAULTS: dict[str, dict[str, str]] = {
     "libx264": {"crf": "18", "preset": "slow", "tune": "animation"},
@@ -399,6 +403,17 @@ class VideoReader:
             color_range_guessed=range_guessed,
         )
 
+    @property
+    def expected_frames(self) -> int | None:
+        """For progress only: the container's frame count, else duration x frame rate (Matroska
+        stores no count), else None."""
+        if self.info.frames:
+            return self.info.frames
+        rate = self.info.guessed_rate or self.info.average_rate
+        if self.container.duration and rate and rate <= 240:
+            return round(self.container.duration / av.time_base * rate)
+        return None
+
     def events(self):
         """Yield VideoFrame and av.Packet records in demux order (see the class docstring)."""
         lookahead, self._lookahead = self._lookahead, []
@@ -460,7 +475,7 @@ class VideoReader:
             rgb = self._reformatter.reformat(
                 frame, format=target, src_colorspace=_SWS_MATRIX[info.colorspace],
                 src_color_range=_SWS_RANGE[info.color_range], dst_color_range=ColorRange.JPEG,
-                interpolation=_SWS_FLAGS)
+                interpolation=_SWS_FLAGS_DEEP_DECODE if self.deep else _SWS_FLAGS)
         self._next_index += 1
         return VideoFrame(index, frame.pts, rgb.to_ndarray())
 

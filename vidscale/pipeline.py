@@ -227,7 +227,7 @@ def upscale_video(source, destination, settings: UpscaleSettings = UpscaleSettin
         model = frame_upscaler.upscaler_for(plan, "u16" if reader.deep else "u8")
         out_h, out_w = plan.out_shape
         with VideoWriter(destination, reader, out_w, out_h, replace(encoder, pix_fmt=pix_fmt)) as writer:
-            progress.start(info.frames, reader.label)
+            progress.start(reader.expected_frames, reader.label)
             try:
                 decoded = _run_stages(reader, writer, plan, model, progress)
             finally:

@@ -81,8 +81,9 @@ class JsonProgress(Progress):
         self._stream.flush()
 
 
-def make_progress(mode: str, stream: TextIO = sys.stderr) -> Progress:
+def make_progress(mode: str, stream: TextIO | None = None) -> Progress:
     """`auto` shows a bar only when stderr is a terminal, so logs of unattended runs stay clean."""
+    stream = stream or sys.stderr
     if mode == "auto":
         mode = "bar" if stream.isatty() else "none"
     if mode == "bar":

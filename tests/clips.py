@@ -1,0 +1,110 @@
+"""Small clips made by the tests themselves, and readers for what a run wrote."""
+
+from fractions import Fraction
+from pathlib import Path
+
+import av
+import numpy as np
+
+
+def pattern(height: int, width: int, shift: int = 0) -> np.ndarray:
+    """Blocks of saturated and mid colours (so a wrong matrix shows), moving with `shift`."""
+    colours = np.array([(235, 20, 20), (20, 200, 40), (30, 40, 220), (200, 200, 30),
+                        (128, 128, 128), (250, 250, 250), (10, 10, 10), (90, 30, 160)], np.uint8)
+    y, x = np.mgrid[0:height, 0:width]
+    return colours[((y // 16) * 4 + x // 16 + shift) % len(colours)]
+
+
+def make_clip(path, *, frames=6, size=(64, 48), pts=None, time_base=Fraction(1, 1000),
+              codec="libx264", pix_fmt="yuv420p", fmt=None, colour=None, audio=True,
+              subtitles=False, attachment=False, chapters=False, rotation=0, sar=None):
+    """A small clip made here: `colour` is (sws matrix name, range, AVCOL colorspace code) or
+    None for an untagged BT.601 limited picture."""
+    width, height = size
+    pts = list(range(0, frames * 40, 40)) if pts is None else pts
+    with av.open(str(path), "w", format=fmt) as out:
+        video = out.add_stream(codec, rate=25, options={"preset": "ultrafast"}
+                               if codec == "libx264" else {})
+        video.width, video.height, video.pix_fmt = width, height, pix_fmt
+        video.time_base = video.codec_context.time_base = time_base
+        matrix, colour_range = "ITU601", "MPEG"
+        if colour is not None:
+            matrix, colour_range, code = colour
+            video.codec_context.colorspace = code
+            video.codec_context.color_range = 1 if colour_range == "MPEG" else 2
+        if sar:
+            video.codec_context.sample_aspect_ratio = sar
+        if rotation:
+            video.set_display_rotation(rotation)
+        video.metadata["language"] = "jpn"
+        video.metadata["title"] = "picture"
+        if audio:
+            sound = out.add_stream("aac", rate=8000)
+            sound.metadata.update(language="eng", title="Commentary")
+            sound.disposition = av.stream.Disposition.forced
+            second = out.add_stream("flac", rate=8000)
+            second.metadata["language"] = "fre"
+        if subtitles:
+            srt = out.add_mux_stream("subrip")
+            srt.metadata.update(language="ger", title="Signs")
+            srt.disposition = av.stream.Disposition.default | av.stream.Disposition.forced
+            ass = out.add_mux_stream("ass")
+            ass.metadata["language"] = "jpn"
+        if attachment:
+            out.add_attachment("ZenMaru.ttf", "font/ttf", b"\x00\x01\x00\x00FAKEFONT" * 50)
+        if chapters:
+            out.set_chapters([
+                {"id": 1, "start": 0, "end": 100, "time_base": Fraction(1, 1000),
+                 "metadata": {"title": "Opening"}},
+                {"id": 2, "start": 100, "end": 240, "time_base": Fraction(1, 1000),
+                 "metadata": {"title": "Part A"}}])
+        out.metadata["title"] = "made by test_media"
+        for i, stamp in enumerate(pts):
+            frame = av.VideoFrame.from_ndarray(pattern(height, width, i), format="rgb24")
+            frame = frame.reformat(format=pix_fmt, dst_colorspace=matrix,
+                                   dst_color_range=colour_range)
+            frame.pts, frame.time_base = stamp, time_base
+            out.mux(video.encode(frame))
+            if subtitles and i < 2:
+                for stream, text in ((srt, b"Hello %d" % i), (ass, b"%d,0,Default,,0,0,0,,Hi" % i)):
+                    packet = av.Packet(text)
+                    packet.stream, packet.time_base = stream, Fraction(1, 1000)
+                    packet.pts = packet.dts = stamp
+                    packet.duration = 40
+                    out.mux(packet)
+        out.mux(video.encode())
+        if audio:
+            for stream in (sound, second):
+                samples = (np.sin(np.arange(2048) / 5) * 8000).astype(np.int16)[None]
+                fmt_name = "fltp" if stream.codec_context.name == "aac" else "s16"
+                data = samples.astype(np.float32) / 32768 if fmt_name == "fltp" else samples
+                for start in (0, 1024):
+                    sound_frame = av.AudioFrame.from_ndarray(
+                        np.ascontiguousarray(data[:, start:start + 1024]), format=fmt_name,
+                        layout="mono")
+                    sound_frame.sample_rate, sound_frame.pts = 8000, start
+                    out.mux(stream.encode(sound_frame))
+                out.mux(stream.encode())
+    return Path(path)
+
+
+def demux_all(path):
+    """(video pts rescaled to seconds as Fractions, non-video packets, container)."""
+    with av.open(str(path)) as container:
+        video = container.streams.video[0]
+        video_pts, packets = [], []
+        for packet in container.demux():
+            if packet.size == 0 or packet.stream.type == "attachment":
+                continue
+            if packet.stream is video:
+                video_pts.append(packet.pts * packet.time_base)
+            else:
+                packets.append((packet.stream.index, bytes(packet)))
+    return sorted(video_pts), packets
+
+
+def stream_tags(path):
+    with av.open(str(path)) as container:
+        return ([(s.type, s.language, s.metadata.get("title"), int(s.disposition))
+                 for s in container.streams if s.type != "attachment"],
+                container.chapters(), dict(container.metadata))

@@ -1,0 +1,223 @@
+"""The whole video path with real PyAV and real OpenVINO: `vidscale upscale` and vidscale.upscale().
+
+Most runs use a real SRVGGNetCompact whose residual branch is zeroed (an exact nearest x2), so
+frames can be checked against their sources; one runs the real realesr-animevideov3 weights.
+"""
+
+import json
+import os
+import subprocess
+import sys
+import threading
+from fractions import Fraction
+
+import av
+import numpy as np
+import pytest
+
+import vidscale
+from clips import demux_all, make_clip, stream_tags
+from conftest import media
+from vidscale import pipeline
+from vidscale.cli import main
+from vidscale.media import VideoFrame, VideoReader
+
+FAST = ["-c:v", "libx264", "--preset", "ultrafast"]
+
+
+@pytest.fixture
+def run(cache_dir, identity_x2, capsys):
+    def run(*args: str, model: str | None = None) -> tuple[int, str]:
+        status = main(["--cache-dir", str(cache_dir), "upscale", *args, "-m", model or str(identity_x2)])
+        return status, capsys.readouterr().err
+
+    return run
+
+
+def decoded(path, deep: bool = False) -> list[VideoFrame]:
+    with VideoReader(path, deep=deep) as reader:
+        return [e for e in reader.events() if isinstance(e, VideoFrame)]
+
+
+def test_frames_timestamps_and_every_other_stream_survive(tmp_path, run):
+    source = make_clip(tmp_path / "in.mkv", frames=12, subtitles=True, attachment=True, chapters=True,
+                       sar=Fraction(4, 3))
+    status, err = run(str(source), "-o", str(tmp_path / "out.mkv"), *FAST, "--progress", "none")
+    assert status == 0, err
+    assert "12 frames" in err
+    in_pts, in_packets = demux_all(source)
+    out_pts, out_packets = demux_all(tmp_path / "out.mkv")
+    assert out_pts == in_pts and len(out_pts) == 12
+    assert sorted(out_packets) == sorted(in_packets)
+    assert stream_tags(tmp_path / "out.mkv")[:2] == stream_tags(source)[:2]
+    with av.open(str(tmp_path / "out.mkv")) as out:
+        assert [(a.name, a.mimetype) for a in out.streams.attachments] == [("ZenMaru.ttf", "font/ttf")]
+        assert out.streams.video[0].sample_aspect_ratio == Fraction(4, 3)
+    # Each output frame is its own source frame upscaled (the pattern moves every frame, so a
+    # frame out of order or repeated would not match).
+    for before, after in zip(decoded(source), decoded(tmp_path / "out.mkv"), strict=True):
+        assert after.rgb.shape == (96, 128, 3)
+        assert np.abs(after.rgb[::2, ::2].astype(int) - before.rgb).mean() < 4
+
+
+def test_variable_frame_rate_keeps_every_timestamp(tmp_path, run):
+    stamps = [0, 40, 50, 130, 135, 300, 301, 420, 700, 710]
+    source = make_clip(tmp_path / "vfr.mkv", frames=len(stamps), pts=stamps, audio=False)
+    assert run(str(source), "-o", str(tmp_path / "out.mkv"), *FAST)[0] == 0
+    assert demux_all(tmp_path / "out.mkv")[0] == [Fraction(p, 1000) for p in stamps]
+
+
+def test_several_audio_and_subtitle_tracks_and_chapters(tmp_path, run):
+    source = media("derived_multi_audio_multi_sub_chapters.mkv")
+    assert run(str(source), "-o", str(tmp_path / "out.mkv"), *FAST)[0] == 0
+    in_pts, in_packets = demux_all(source)
+    out_pts, out_packets = demux_all(tmp_path / "out.mkv")
+    assert len(out_pts) == len(in_pts) == 150 and out_pts == in_pts
+    assert sorted(out_packets) == sorted(in_packets)
+    assert stream_tags(tmp_path / "out.mkv")[:2] == stream_tags(source)[:2]
+
+
+def test_ten_bit_vp9_stays_ten_bit_through_the_model(tmp_path, run):
+    source = media("androidx_roadtrip-vp92-10bit.webm")
+    assert run(str(source), "-o", str(tmp_path / "out.mkv"), "-c:v", "ffv1")[0] == 0
+    with VideoReader(tmp_path / "out.mkv") as out:
+        assert out.info.pix_fmt == "yuv420p10le"
+    before, after = decoded(source, deep=True), decoded(tmp_path / "out.mkv", deep=True)
+    assert len(before) == len(after) == 72
+    # Lossless output of an exact x2 model: what is left is colour conversion error. Rounding to
+    # 8 bits anywhere on the way would add about a quarter of an 8-bit step (64 in 16-bit units).
+    error = np.abs(after[10].rgb[::2, ::2].astype(int) - before[10].rgb).mean()
+    assert error < 24
+
+
+@pytest.mark.parametrize("clip, frames", [("androidx_bear-vp9-odd-dimensions.webm", 30),
+                                          ("mediabunny_no-initial-keyframe.ts", 15)])
+def test_odd_dimensions_and_a_stream_without_a_keyframe_at_the_start(tmp_path, run, clip, frames):
+    assert run(str(media(clip)), "-o", str(tmp_path / "out.mkv"), *FAST)[0] == 0
+    assert len(decoded(tmp_path / "out.mkv")) == frames
+
+
+def test_through_real_os_pipes(tmp_path, cache_dir, identity_x2):
+    source = make_clip(tmp_path / "in.mkv", frames=20)
+    command = (f"cat {source} | {sys.executable} -m vidscale -q --cache-dir {cache_dir} upscale - -o - "
+               f"-m {identity_x2} -c:v libx264 --preset ultrafast | {sys.executable} -c "
+               "\"import av, sys; c = av.open(sys.stdin.buffer); "
+               "print(sum(1 for _ in c.decode(video=0)), c.format.name)\"")
+    done = subprocess.run(["bash", "-o", "pipefail", "-c", command], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == ["20", "matroska,webm"]
+    assert done.stderr == ""
+
+
+def test_a_reader_closing_the_pipe_early_ends_the_run_quietly(tmp_path, cache_dir, identity_x2):
+    source = make_clip(tmp_path / "in.mkv", frames=60, size=(128, 96))
+    command = (f"{sys.executable} -m vidscale --cache-dir {cache_dir} upscale {source} -o - -m {identity_x2} "
+               f"-c:v ffv1 2>{tmp_path / 'err.txt'} | head -c 1000 >/dev/null; echo ${{PIPESTATUS[0]}}")
+    done = subprocess.run(["bash", "-c", command], capture_output=True, text=True, timeout=300)
+    assert done.stdout.strip() == "141"
+    assert (tmp_path / "err.txt").read_text() == ""
+
+
+def test_the_anime_clip_with_realesr_animevideov3_at_a_reduced_size(tmp_path, run):
+    # The real model on the real clip, shrunk to 160x120 first so the test stays quick.
+    small = tmp_path / "onepiece_small.mkv"
+    with av.open(str(media("realesrgan_onepiece_demo.mp4"))) as src, av.open(str(small), "w") as dst:
+        audio_in, video_in = src.streams.audio[0], src.streams.video[0]
+        video = dst.add_stream("ffv1", rate=video_in.average_rate)
+        video.width, video.height, video.pix_fmt = 160, 120, "yuv420p"
+        video.time_base = video.codec_context.time_base = video_in.time_base
+        audio = dst.add_stream_from_template(audio_in)
+        for packet in src.demux():
+            if packet.stream is audio_in:
+                if packet.size:
+                    packet.stream = audio
+                    dst.mux(packet)
+                continue
+            for frame in packet.decode():  # the empty packet at the end flushes the decoder
+                small_frame = frame.reformat(160, 120, "yuv420p")
+                small_frame.pts, small_frame.time_base = frame.pts, frame.time_base
+                dst.mux(video.encode(small_frame))
+        dst.mux(video.encode())
+    status, err = run(str(small), "-o", str(tmp_path / "out.mkv"), "-s", "2", *FAST, model="realesr-animevideov3")
+    assert status == 0, err
+    before, after = decoded(small), decoded(tmp_path / "out.mkv")
+    assert len(before) == len(after) == 181
+    assert demux_all(tmp_path / "out.mkv") == demux_all(small)
+    for source_frame, upscaled in zip(before[::30], after[::30]):
+        assert upscaled.rgb.shape == (240, 320, 3)
+        shrunk = upscaled.rgb.reshape(120, 2, 160, 2, 3).mean(axis=(1, 3))
+        assert np.abs(shrunk - source_frame.rgb).mean() < 6
+
+
+def test_json_progress_for_wrappers(tmp_path, run):
+    source = make_clip(tmp_path / "in.mkv", frames=8)
+    status, err = run(str(source), "-o", str(tmp_path / "out.mkv"), *FAST, "--progress", "json")
+    assert status == 0
+    records = [json.loads(line) for line in err.splitlines() if line.startswith("{")]
+    assert records and set(records[-1]) == {"frame", "total", "fps", "eta", "elapsed"}
+    assert records[-1]["frame"] == 8
+    # Matroska stores no frame count: the total is estimated from duration and frame rate.
+    assert isinstance(records[-1]["total"], int) and records[-1]["total"] >= 8
+
+
+def test_a_failing_stage_stops_everything_and_leaves_no_output(tmp_path, cache_dir, identity_x2, monkeypatch):
+    source = make_clip(tmp_path / "in.mkv", frames=30)
+    original = vidscale.media.VideoWriter.write_frame
+
+    def write_frame(self, rgb, pts):
+        if self.frames_written == 5:
+            raise vidscale.MediaError("disk on fire")
+        original(self, rgb, pts)
+
+    monkeypatch.setattr(vidscale.media.VideoWriter, "write_frame", write_frame)
+    with pytest.raises(vidscale.MediaError, match="disk on fire"):
+        vidscale.upscale(source, tmp_path / "out.mkv", model=str(identity_x2), cache_dir=cache_dir)
+    assert os.listdir(tmp_path) == ["in.mkv"]
+    assert not [t for t in threading.enumerate() if t.name.startswith("vidscale-")]
+
+
+def test_an_error_in_an_inference_callback_surfaces_instead_of_aborting(tmp_path, cache_dir, identity_x2,
+                                                                        monkeypatch):
+    source = make_clip(tmp_path / "in.mkv", frames=20)
+
+    def store(self, tile, output):
+        raise RuntimeError(f"callback broke on frame {self.index}")
+
+    monkeypatch.setattr(pipeline._PendingFrame, "store", store)
+    with pytest.raises(RuntimeError, match="callback broke on frame"):
+        vidscale.upscale(source, tmp_path / "out.mkv", model=str(identity_x2), cache_dir=cache_dir)
+    assert os.listdir(tmp_path) == ["in.mkv"]
+
+
+def test_frames_in_flight_stay_bounded(tmp_path, cache_dir, identity_x2, monkeypatch):
+    source = make_clip(tmp_path / "in.mkv", frames=40, audio=False)
+    live, peak = set(), [0]
+    original_init, original_store = pipeline._PendingFrame.__init__, pipeline.VideoWriter.write_frame
+
+    def init(self, *args):
+        original_init(self, *args)
+        live.add(self.index)
+        peak[0] = max(peak[0], len(live))
+
+    def write_frame(self, rgb, pts):
+        original_store(self, rgb, pts)
+        live.discard(self.frames_written - 1)
+
+    monkeypatch.setattr(pipeline._PendingFrame, "__init__", init)
+    monkeypatch.setattr(pipeline.VideoWriter, "write_frame", write_frame)
+    result = vidscale.upscale(source, tmp_path / "out.mkv", model=str(identity_x2), cache_dir=cache_dir,
+                              preset="ultrafast")
+    assert result.frames == 40
+    assert 1 < peak[0] <= pipeline.MAX_FRAMES_IN_FLIGHT
+
+
+def test_python_api_refuses_to_overwrite_and_writes_with_overwrite(tmp_path, cache_dir, identity_x2):
+    source = make_clip(tmp_path / "in.mkv", frames=4)
+    target = tmp_path / "out.mkv"
+    target.write_bytes(b"old")
+    with pytest.raises(vidscale.UsageError, match="already exists; pass --overwrite"):
+        vidscale.upscale(source, target, model=str(identity_x2), cache_dir=cache_dir)
+    assert target.read_bytes() == b"old"
+    result = vidscale.upscale(source, target, model=str(identity_x2), cache_dir=cache_dir, codec="ffv1",
+                              overwrite=True)
+    assert result.frames == 4 and len(decoded(target)) == 4
