@@ -1,10 +1,12 @@
-"""Small clips made by the tests themselves, and readers for what a run wrote."""
+"""Small clips made by the tests themselves (good and broken), and readers for what a run wrote."""
 
 from fractions import Fraction
 from pathlib import Path
 
 import av
 import numpy as np
+
+from conftest import media
 
 
 def pattern(height: int, width: int, shift: int = 0) -> np.ndarray:
@@ -108,3 +110,58 @@ def stream_tags(path):
         return ([(s.type, s.language, s.metadata.get("title"), int(s.disposition))
                  for s in container.streams if s.type != "attachment"],
                 container.chapters(), dict(container.metadata))
+
+
+def bad_inputs(folder: Path) -> dict[str, tuple[Path, str]]:
+    """Inputs that are not usable videos, each with words its one-line error must contain."""
+    folder = Path(folder)
+    (folder / "folder.mkv").mkdir()
+    (folder / "empty.mkv").write_bytes(b"")
+    (folder / "noise.mkv").write_bytes(np.random.default_rng(0).bytes(20000))
+    with av.open(str(folder / "audio.mka"), "w") as out:
+        stream = out.add_stream("flac", rate=8000)
+        frame = av.AudioFrame.from_ndarray(np.zeros((1, 1024), np.int16), format="s16",
+                                           layout="mono")
+        frame.sample_rate, frame.pts = 8000, 0
+        out.mux(stream.encode(frame))
+        out.mux(stream.encode())
+    clip = make_clip(folder / "clip.mkv", frames=1, audio=False).read_bytes()
+    (folder / "clip.mkv").unlink()
+    # A codec id no FFmpeg knows, so the decoder check fails as it would for a codec left out
+    # of the build.
+    (folder / "alien.mkv").write_bytes(clip.replace(b"V_MPEG4/ISO/AVC", b"V_MPEG4/ISO/XYZ"))
+    return {
+        "missing": (folder / "missing.mkv", "does not exist"),
+        "directory": (folder / "folder.mkv", "is a directory"),
+        "empty": (folder / "empty.mkv", "is empty"),
+        "noise": (folder / "noise.mkv", "not a video file"),
+        "truncated": (media("pymediainfo_sample_truncated.mkv"), "truncated"),
+        "audio only": (folder / "audio.mka", "no video stream"),
+        "still image": (media("realesrgan_comic_lq.png"), "still image.*vidscale image"),
+        "unknown codec": (folder / "alien.mkv", "cannot decode its video codec"),
+    }
+
+
+def corrupt_clip(folder: Path) -> Path:
+    """A 6-frame FFV1 clip whose 4th packet is overwritten with noise (its CRC check fails)."""
+    clip = make_clip(Path(folder) / "clean.mkv", codec="ffv1", audio=False)
+    with av.open(str(clip)) as container:
+        fourth = [bytes(p) for p in container.demux(video=0) if p.size][3]
+    data = bytearray(clip.read_bytes())
+    clip.unlink()
+    start = data.find(fourth[:64]) + 100
+    data[start:start + len(fourth) - 200] = np.random.default_rng(1).bytes(len(fourth) - 200)
+    broken = Path(folder) / "broken.mkv"
+    broken.write_bytes(data)
+    return broken
+
+
+def resolution_change(folder: Path) -> Path:
+    """Two MPEG-TS clips joined: 3 frames of 64x48, then 3 of 96x64."""
+    first = make_clip(Path(folder) / "a.ts", frames=3, fmt="mpegts", audio=False)
+    second = make_clip(Path(folder) / "b.ts", frames=3, size=(96, 64), fmt="mpegts", audio=False)
+    joined = Path(folder) / "joined.ts"
+    joined.write_bytes(first.read_bytes() + second.read_bytes())
+    first.unlink()
+    second.unlink()
+    return joined

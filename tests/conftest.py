@@ -1,3 +1,4 @@
+import os
 from pathlib import Path
 
 import numpy as np
@@ -48,3 +49,13 @@ def nearest(frame: np.ndarray, scale: int) -> np.ndarray:
 @pytest.fixture(scope="session")
 def identity_x2(tmp_path_factory) -> Path:
     return save_compact(tmp_path_factory.mktemp("models") / "identity_x2.safetensors", upscale=2)
+
+
+class RunsShellOnLoad:
+    """A pickled object that runs a shell command when unpickled: the malicious-weights test."""
+
+    def __init__(self, command: str) -> None:
+        self.command = command
+
+    def __reduce__(self):
+        return (os.system, (self.command,))

@@ -9,7 +9,7 @@ import av
 import numpy as np
 import pytest
 
-from clips import demux_all, make_clip, pattern, stream_tags
+from clips import bad_inputs, corrupt_clip, demux_all, make_clip, pattern, resolution_change, stream_tags
 from conftest import media, nearest
 from vidscale.errors import MediaError
 from vidscale.media import (
@@ -333,33 +333,8 @@ def test_reader_closing_stdout_is_a_distinct_error(tmp_path, monkeypatch):
 
 # --- bad inputs ----------------------------------------------------------------------------
 
-def _bad_inputs(tmp_path):
-    (tmp_path / "folder.mkv").mkdir()
-    (tmp_path / "empty.mkv").write_bytes(b"")
-    (tmp_path / "noise.mkv").write_bytes(np.random.default_rng(0).bytes(20000))
-    with av.open(str(tmp_path / "audio.mka"), "w") as out:
-        stream = out.add_stream("flac", rate=8000)
-        frame = av.AudioFrame.from_ndarray(np.zeros((1, 1024), np.int16), format="s16",
-                                           layout="mono")
-        frame.sample_rate, frame.pts = 8000, 0
-        out.mux(stream.encode(frame))
-        out.mux(stream.encode())
-    clip = make_clip(tmp_path / "clip.mkv", frames=1, audio=False).read_bytes()
-    (tmp_path / "alien.mkv").write_bytes(clip.replace(b"V_MPEG4/ISO/AVC", b"V_MPEG4/ISO/XYZ"))
-    return {
-        "missing": (tmp_path / "missing.mkv", "does not exist"),
-        "directory": (tmp_path / "folder.mkv", "is a directory"),
-        "empty": (tmp_path / "empty.mkv", "is empty"),
-        "noise": (tmp_path / "noise.mkv", "not a video file"),
-        "truncated": (media("pymediainfo_sample_truncated.mkv"), "truncated"),
-        "audio only": (tmp_path / "audio.mka", "no video stream"),
-        "still image": (media("realesrgan_comic_lq.png"), "still image.*vidscale image"),
-        "unknown codec": (tmp_path / "alien.mkv", "cannot decode its video codec"),
-    }
-
-
 def test_bad_inputs_give_one_line_media_errors(tmp_path):
-    for name, (path, message) in _bad_inputs(tmp_path).items():
+    for name, (path, message) in bad_inputs(tmp_path).items():
         with pytest.raises(MediaError, match=message) as caught:
             VideoReader(path)
         text = str(caught.value)
@@ -367,24 +342,14 @@ def test_bad_inputs_give_one_line_media_errors(tmp_path):
 
 
 def test_resolution_change_mid_stream_is_refused(tmp_path):
-    first = make_clip(tmp_path / "a.ts", frames=3, fmt="mpegts", audio=False)
-    second = make_clip(tmp_path / "b.ts", frames=3, size=(96, 64), fmt="mpegts", audio=False)
-    joined = tmp_path / "joined.ts"
-    joined.write_bytes(first.read_bytes() + second.read_bytes())
+    joined = resolution_change(tmp_path)
     with VideoReader(joined) as reader:
         with pytest.raises(MediaError, match="frame 3 changes size from 64x48 to 96x64"):
             list(reader.events())
 
 
 def test_corrupt_packet_is_concealed_and_counted_or_refused_when_strict(tmp_path):
-    clip = make_clip(tmp_path / "in.mkv", codec="ffv1", audio=False)
-    with av.open(str(clip)) as container:
-        fourth = [bytes(p) for p in container.demux(video=0) if p.size][3]
-    data = bytearray(clip.read_bytes())
-    start = data.find(fourth[:64]) + 100
-    data[start:start + len(fourth) - 200] = np.random.default_rng(1).bytes(len(fourth) - 200)
-    broken = tmp_path / "broken.mkv"
-    broken.write_bytes(data)
+    broken = corrupt_clip(tmp_path)
     with VideoReader(broken) as reader:
         frames = sum(isinstance(e, VideoFrame) for e in reader.events())
     assert reader.corrupt_packets == 1 and frames == 5

@@ -12,6 +12,7 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
+from conftest import RunsShellOnLoad
 from vidscale.errors import ModelError
 from vidscale.models import (
     RRDBNet,
@@ -211,14 +212,6 @@ def test_state_dict_with_a_misshapen_tensor_is_refused():
 
 
 # --- readers refuse what they cannot or must not load -----------------------------------------
-
-
-class RunsShellOnLoad:
-    def __init__(self, command: str) -> None:
-        self.command = command
-
-    def __reduce__(self):
-        return (os.system, (self.command,))
 
 
 def test_pickle_with_code_is_refused_and_never_executed(tmp_path):

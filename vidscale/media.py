@@ -115,6 +115,9 @@ def check_output(path: Path, inputs: list[Path], overwrite: bool) -> None:
             raise UsageError(f"output {path} is the input file; choose another output path")
     if path.exists() and not overwrite:
         raise UsageError(f"output {path} already exists; pass --overwrite to replace it")
+    if path.parent.exists() and not path.parent.is_dir():
+        raise MediaError(f"output directory {path.parent} is a file, not a directory; "
+                         f"choose another output path")
     if not path.parent.is_dir():
         raise MediaError(f"output directory {path.parent} does not exist; create it first")
     if not os.access(path.parent, os.W_OK):
@@ -325,7 +328,7 @@ class VideoReader:
     output. Packets the decoder rejects are concealed and counted in `corrupt_packets`, as
     ffmpeg does, unless strict=True, which raises MediaError on the first one. Frames a decoder
     cannot produce (a stream starting mid-GOP) are not output. A size change mid-stream raises
-    MediaError. Video streams other than the upscaled one are copied as they are.
+    MediaError, and so does a video that ends before its header says it does (truncated). Video streams other than the upscaled one are copied as they are.
 
     YUV->RGB uses the source's matrix and range (see VideoInfo for untagged sources). BT.2020
     (non-constant luminance) is converted with the BT.2020 matrix only, as swscale does: the RGB
@@ -344,6 +347,7 @@ class VideoReader:
             self.stream.codec_context.thread_type = "AUTO"
             self._reformatter = VideoReformatter()
             self._next_index = 0
+            self._last_pts = self._last_duration = None
             self._events = self._demux()
             # Decode up to the first frame now: the rotation and real frame size are only known
             # from a decoded frame, and an undecodable input is better refused at open.
@@ -419,6 +423,38 @@ class VideoReader:
         lookahead, self._lookahead = self._lookahead, []
         for event in chain(lookahead, self._events):
             yield self._frame(event) if isinstance(event, av.VideoFrame) else event
+        self._check_complete()
+
+    def _declared_end(self) -> Fraction | None:
+        """Where the header says the video ends, in seconds, when it says so reliably: Matroska's
+        per-track DURATION tag (written in the header, so a pipe has it too) or an MP4/MOV track
+        duration. MPEG-TS durations are estimated from the bit rate, so none is trusted there."""
+        stream = self.stream
+        tag = stream.metadata.get("DURATION")
+        if tag:
+            try:
+                hours, minutes, seconds = tag.split(":")
+                return (int(hours) * 60 + int(minutes)) * 60 + Fraction(seconds)
+            except ValueError:
+                return None
+        if self.container.format.name.startswith("mov") and stream.duration:
+            return ((stream.start_time or 0) + stream.duration) * stream.time_base
+        return None
+
+    def _check_complete(self) -> None:
+        """Refuse an input that ends before its header says it does: a truncated file, or a pipe
+        closed early, otherwise decodes cleanly and would give an output that looks complete."""
+        declared = self._declared_end()
+        if declared is None or self._last_pts is None:
+            return
+        tb = self.stream.time_base
+        rate = self.info.guessed_rate or self.info.average_rate
+        interval = self._last_duration * tb if self._last_duration else (1 / rate if rate else 0)
+        end = self._last_pts * tb + interval
+        if declared - end > interval / 2:
+            raise MediaError(f"{self.label} stops at {float(end):.3f} s but its header says the video "
+                             f"runs to {float(declared):.3f} s: it is truncated or its pipe closed "
+                             f"early; give the complete file")
 
     def _demux(self):
         """Decoded av.VideoFrames of the video stream and packets of the others."""
@@ -468,6 +504,7 @@ class VideoReader:
         if frame.pts is None:
             raise MediaError(f"{self.label}: frame {index} has no timestamp; "
                              f"remux the input into .mkv first")
+        self._last_pts, self._last_duration = frame.pts, frame.duration
         target = "rgb48le" if self.deep else "rgb24"
         if info.colorspace == "gbr":
             rgb = self._reformatter.reformat(frame, format=target)
@@ -775,6 +812,13 @@ class VideoWriter:
             if _is_broken_pipe(exc):
                 raise OutputClosedError(f"{self.label} was closed by the reading process; "
                                         f"output stopped early") from exc
+            code = getattr(exc, "errno", None)
+            if code == errno.ENOSPC:
+                raise MediaError(f"no space left on the device writing {self.label}; "
+                                 f"free some space and run again") from exc
+            if code in (errno.EACCES, errno.EPERM, errno.EROFS):
+                raise MediaError(f"cannot write {self.label} ({exc.strerror}); "
+                                 f"choose an output in a writable directory") from exc
             raise MediaError(f"writing {self.label} failed ({exc}); "
                              f"check free space and the encoder settings") from exc
 

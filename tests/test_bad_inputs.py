@@ -1,0 +1,172 @@
+"""The bad-input matrix, end to end through `vidscale upscale`: every case gets one line on stderr
+naming the thing and the fix, a non-zero exit status, an untouched input, and no output (nor a
+temporary .partial file) left behind.
+
+A reader closing stdout early is pinned in test_pipeline.py
+(test_a_reader_closing_the_pipe_early_ends_the_run_quietly).
+"""
+
+import errno
+import os
+import re
+import subprocess
+import sys
+
+import av
+import pytest
+import torch
+from torch import nn
+
+from clips import bad_inputs, corrupt_clip, make_clip, resolution_change
+from conftest import RunsShellOnLoad
+from vidscale.cli import main
+from vidscale.media import VideoWriter
+
+FAST = ["-c:v", "libx264", "--preset", "ultrafast"]
+
+
+@pytest.fixture
+def outputs(tmp_path):
+    folder = tmp_path / "outputs"
+    folder.mkdir()
+    return folder
+
+
+@pytest.fixture
+def refused(cache_dir, identity_x2, capsys, outputs):
+    """Run `vidscale upscale SOURCE -o OUTPUT ...`, check the refusal, return its stderr line."""
+
+    def refused(source, status, message, *extra, output=None, model=None):
+        source = source if isinstance(source, str) else str(source)
+        before = open(source, "rb").read() if os.path.isfile(source) else None
+        output = output or outputs / "out.mkv"
+        present = sorted(outputs.iterdir())
+        got = main(["--cache-dir", str(cache_dir), "upscale", source, "-o", str(output),
+                    "-m", model or str(identity_x2), *FAST, *extra])
+        err = capsys.readouterr().err
+        assert got == status, err
+        lines = err.splitlines()
+        assert len(lines) == 1 and lines[0].startswith("vidscale: error: "), err
+        assert message in lines[0], err
+        if before is not None:
+            assert open(source, "rb").read() == before
+        assert sorted(outputs.iterdir()) == present
+        return lines[0]
+
+    return refused
+
+
+@pytest.mark.parametrize("case", ["missing", "directory", "empty", "noise", "truncated", "audio only",
+                                  "still image", "unknown codec"])
+def test_unusable_input(tmp_path, refused, case):
+    source, pattern = bad_inputs(tmp_path)[case]
+    line = refused(source, 5, str(source))
+    assert re.search(pattern, line), line
+
+
+def test_output_inside_a_regular_file(tmp_path, refused, outputs):
+    source = make_clip(tmp_path / "in.mkv", frames=2)
+    blocker = outputs / "somefile"
+    blocker.write_bytes(b"not a directory")
+    refused(source, 5, "outputs/somefile is a file, not a directory; choose another output path",
+            output=blocker / "out.mkv")
+    assert blocker.read_bytes() == b"not a directory"
+
+
+class _FailingMux:
+    """Stands in for the output container: its mux raises `error` once `after` calls went through."""
+
+    def __init__(self, container, error: OSError, after: int):
+        self._container, self._error, self._left = container, error, after
+
+    def mux(self, packets):
+        if self._left == 0:
+            raise self._error
+        self._left -= 1
+        return self._container.mux(packets)
+
+    def __getattr__(self, name):
+        return getattr(self._container, name)
+
+
+def _fail_writes(monkeypatch, error: OSError, after: int) -> None:
+    original = VideoWriter._open
+
+    def _open(self, destination, settings):
+        original(self, destination, settings)
+        self.container = _FailingMux(self.container, error, after)
+
+    monkeypatch.setattr(VideoWriter, "_open", _open)
+
+
+def test_unwritable_output_directory(tmp_path, refused, monkeypatch):
+    # Tests run as root, which may write anywhere: FFmpeg's EACCES at its first write (when it
+    # opens the file) is injected instead.
+    source = make_clip(tmp_path / "in.mkv", frames=4)
+    _fail_writes(monkeypatch, av.error.PermissionError(errno.EACCES, "Permission denied"), after=0)
+    refused(source, 5, "out.mkv (Permission denied); choose an output in a writable directory")
+
+
+def test_disk_full_while_writing(tmp_path, refused, monkeypatch):
+    source = make_clip(tmp_path / "in.mkv", frames=20)
+    _fail_writes(monkeypatch, OSError(errno.ENOSPC, os.strerror(errno.ENOSPC)), after=3)
+    refused(source, 5, "no space left on the device writing")
+
+
+def test_output_is_the_input(tmp_path, refused):
+    source = make_clip(tmp_path / "in.mkv", frames=2)
+    refused(source, 2, "is the input file; choose another output path", "--overwrite", output=source)
+
+
+def test_stdin_closed_early(tmp_path, cache_dir, identity_x2, outputs):
+    data = make_clip(tmp_path / "in.mkv", frames=30).read_bytes()
+    done = subprocess.run(
+        [sys.executable, "-m", "vidscale", "--cache-dir", str(cache_dir), "upscale", "-",
+         "-o", str(outputs / "out.mkv"), "-m", str(identity_x2), *FAST],
+        input=data[: len(data) // 2], capture_output=True, timeout=300)
+    err = done.stderr.decode()
+    assert done.returncode == 5, err
+    assert err.count("\n") == 1
+    assert "stdin stops at" in err and "truncated or its pipe closed early; give the complete file" in err
+    assert list(outputs.iterdir()) == []
+
+
+def test_corrupt_packets_are_concealed_and_counted(tmp_path, cache_dir, identity_x2, capsys, outputs):
+    source = corrupt_clip(tmp_path)
+    status = main(["--cache-dir", str(cache_dir), "upscale", str(source), "-o", str(outputs / "out.mkv"),
+                   "-m", str(identity_x2), "-c:v", "ffv1"])
+    err = capsys.readouterr().err
+    assert status == 0, err
+    # One summary line: every frame the decoder could give, and the concealment counted.
+    assert err.count("\n") == 1 and ": 5 frames in " in err and "; 1 corrupt packets concealed" in err
+    assert len(list(outputs.iterdir())) == 1
+
+
+def test_corrupt_packets_fail_under_strict(tmp_path, refused):
+    refused(corrupt_clip(tmp_path), 5, "corrupt video data near pts", "--strict")
+
+
+def test_resolution_change_mid_stream(tmp_path, refused):
+    refused(resolution_change(tmp_path), 5,
+            "frame 3 changes size from 64x48 to 96x64; videos that change resolution are not supported")
+
+
+def test_unknown_model_name(tmp_path, refused):
+    source = make_clip(tmp_path / "in.mkv", frames=2)
+    refused(source, 3, "unknown model 'no-such-model'; known models:", model="no-such-model")
+
+
+def test_weights_of_an_unsupported_architecture(tmp_path, refused):
+    source = make_clip(tmp_path / "in.mkv", frames=2)
+    weights = tmp_path / "linear.pth"
+    torch.save(nn.Linear(3, 4).state_dict(), weights)
+    refused(source, 3, "linear.pth is not a supported architecture", model=str(weights))
+
+
+def test_malicious_pickle_is_refused_and_never_run(tmp_path, refused):
+    source = make_clip(tmp_path / "in.mkv", frames=2)
+    marker = tmp_path / "pwned"
+    weights = tmp_path / "evil.pth"
+    torch.save({"conv_first.weight": torch.zeros(1), "payload": RunsShellOnLoad(f"touch {marker}")}, weights)
+    refused(source, 3, "contains code or objects that are not plain weights", model=str(weights))
+    assert not marker.exists()
