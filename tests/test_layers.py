@@ -24,7 +24,8 @@ def imports_of(module: str) -> set[str]:
     ("media", {"openvino", "torch", "vidscale.engine", "vidscale.pipeline"}),
     ("engine", {"av", "vidscale.media", "vidscale.pipeline", "vidscale.cli"}),
     ("tiling", {"vidscale.", "openvino", "av", "torch"}),
-    ("pipeline", {"vidscale.cli"}),
+    ("pipeline", {"vidscale.cli", "vidscale.jobs"}),
+    ("jobs", {"vidscale.cli"}),
 ])
 def test_layers_do_not_import_upwards_or_sideways(module, forbidden):
     imported = imports_of(module)

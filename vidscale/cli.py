@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
 import time
 from pathlib import Path
@@ -11,26 +12,30 @@ from pathlib import Path
 import numpy as np
 
 from .config import DEFAULT_IMAGE_MODEL, DEFAULT_VIDEO_MODEL, UpscaleSettings
-from .errors import OutputClosedError, UsageError, VidscaleError
+from .errors import EXIT_SOME_FAILED, OutputClosedError, UsageError, VidscaleError
 from .progress import MODES, make_progress
-from .tiling import DEFAULT_OVERLAP
+from .tiling import DEFAULT_OVERLAP, parse_tile
 
+# 128 + the signal number, what a shell reports for a process the signal killed.
 EXIT_INTERRUPTED = 130
+EXIT_TERMINATED = 143
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised in the main thread; a KeyboardInterrupt so every stage stops as for Ctrl-C."""
+
+
+def _terminate(signum, frame) -> None:
+    raise Terminated()
+
 
 
 def _tile(text: str) -> tuple[int, int] | None:
     """`0` (automatic), `N` (N x N) or `HxW`."""
     try:
-        parts = [int(p) for p in text.lower().split("x")]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"tile {text!r} is not N or HxW") from None
-    if parts == [0]:
-        return None
-    if len(parts) == 1:
-        parts *= 2
-    if len(parts) != 2 or min(parts) <= 0:
-        raise argparse.ArgumentTypeError(f"tile {text!r} must be 0 (automatic), N or HxW with N > 0")
-    return parts[0], parts[1]
+        return parse_tile(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def _key_value(text: str) -> tuple[str, str]:
@@ -53,6 +58,26 @@ def _engine_options(parser: argparse.ArgumentParser, default_model: str) -> None
     parser.add_argument("--device", default="CPU", help="OpenVINO device: CPU, GPU, NPU, AUTO... (default: CPU)")
 
 
+def _video_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("-c:v", "--codec", default="libx264",
+                        help="video encoder: libx264 (default), libx265, libsvtav1, libvpx-vp9, ffv1")
+    parser.add_argument("--crf", type=int, help="encoder quality (default: per encoder, see README)")
+    parser.add_argument("--preset", help="encoder speed preset")
+    parser.add_argument("--pix-fmt", help="output pixel format (default: yuv420p, or yuv420p10le for 10-bit input)")
+    parser.add_argument("-x", "--encoder-option", action="append", default=[], type=_key_value, metavar="KEY=VALUE",
+                        help="extra encoder option, repeatable (e.g. -x tune=animation)")
+    parser.add_argument("-f", "--format", help="output container (default: from the extension; matroska for -)")
+    parser.add_argument("--strict", action="store_true",
+                        help="fail on corrupt input packets instead of concealing them")
+    parser.add_argument("--progress", choices=MODES, default="auto",
+                        help="bar (tqdm), json (JSON lines), none; auto = bar on a terminal")
+
+
+# Batch options that are settings of each job, by argparse dest (-x is `encoder_option`).
+_BATCH_SETTINGS = {"model", "scale", "tile", "overlap", "precision", "device", "codec", "crf", "preset",
+                   "pix_fmt", "encoder_option", "format", "strict"}
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="vidscale", description="Real-ESRGAN upscaling on OpenVINO.")
     parser.add_argument("--cache-dir", type=Path, default=None,
@@ -71,18 +96,27 @@ def build_parser() -> argparse.ArgumentParser:
     video.add_argument("-o", "--output", required=True, help="file to write, or - for stdout")
     video.add_argument("--overwrite", action="store_true", help="replace OUTPUT if it exists")
     _engine_options(video, DEFAULT_VIDEO_MODEL)
-    video.add_argument("-c:v", "--codec", default="libx264",
-                       help="video encoder: libx264 (default), libx265, libsvtav1, libvpx-vp9, ffv1")
-    video.add_argument("--crf", type=int, help="encoder quality (default: per encoder, see README)")
-    video.add_argument("--preset", help="encoder speed preset")
-    video.add_argument("--pix-fmt", help="output pixel format (default: yuv420p, or yuv420p10le for 10-bit input)")
-    video.add_argument("-x", "--encoder-option", action="append", default=[], type=_key_value, metavar="KEY=VALUE",
-                       help="extra encoder option, repeatable (e.g. -x tune=animation)")
-    video.add_argument("-f", "--format", help="output container (default: from the extension; matroska for -)")
-    video.add_argument("--strict", action="store_true",
-                       help="fail on corrupt input packets instead of concealing them")
-    video.add_argument("--progress", choices=MODES, default="auto",
-                       help="bar (tqdm), json (JSON lines), none; auto = bar on a terminal")
+    _video_options(video)
+
+    batch = commands.add_parser(
+        "batch", help="upscale many videos one after another, skipping those already done",
+        description="Upscale each INPUT (files, directories, globs) into --output-dir, or run the jobs of "
+                    "one TOML job file. A job whose output is complete for the same input and settings "
+                    "is skipped. Exit status 0 when every job is done or skipped, "
+                    f"{EXIT_SOME_FAILED} when some failed.")
+    batch.add_argument("inputs", nargs="+", metavar="INPUT", help="videos, directories or globs; or one JOBS.toml")
+    batch.add_argument("--output-dir", type=Path, help="where outputs go (a job file may set output_dir)")
+    batch.add_argument("--template", help="output name, with {stem}, {name}, {parent} of the input "
+                                          "(default: {stem}.upscaled.mkv)")
+    batch.add_argument("--report", type=Path, help="write a JSON report of every job here")
+    batch.add_argument("--overwrite", action="store_true", help="replace outputs not made by an earlier run")
+    _engine_options(batch, DEFAULT_VIDEO_MODEL)
+    _video_options(batch)
+    # Settings given on the command line replace a job file's [defaults]; those not given must
+    # not, so they stay out of the namespace.
+    for action in batch._actions:
+        if action.dest in _BATCH_SETTINGS:
+            action.default = argparse.SUPPRESS
 
     image = commands.add_parser("image", help="upscale one still picture (PNG or JPEG)")
     image.add_argument("input", type=Path)
@@ -136,6 +170,49 @@ def run_upscale(args: argparse.Namespace) -> int:
     return 0
 
 
+def run_batch(args: argparse.Namespace) -> int:
+    from .jobs import BatchInterrupted, jobs_from_file, jobs_from_inputs, run_jobs
+
+    values = {key: getattr(args, key) for key in _BATCH_SETTINGS if hasattr(args, key)}
+    if "encoder_option" in values:
+        values["options"] = dict(values.pop("encoder_option"))
+    if len(args.inputs) == 1 and args.inputs[0].endswith(".toml"):
+        jobs = jobs_from_file(Path(args.inputs[0]), args.output_dir, values, args.cache_dir)
+    else:
+        if args.output_dir is None:
+            raise UsageError("give --output-dir for the outputs (or run a TOML job file)")
+        jobs = jobs_from_inputs(args.inputs, args.output_dir, args.template, values,
+                                args.cache_dir)
+
+    def on_result(job, result) -> None:
+        if args.quiet and result.status != "failed":
+            return
+        if result.status == "done":
+            text = f"{result.frames} frames in {result.seconds:.1f} s ({result.fps:.2f} fps) -> {result.output}"
+        elif result.status == "skipped":
+            text = f"skipped, {result.output} is already done"
+        else:
+            text = f"failed: {result.error}"
+        print(f"{result.input}: {text}", file=sys.stderr)
+
+    progress_mode = "none" if args.quiet else args.progress
+    try:
+        report = run_jobs(jobs, overwrite=args.overwrite, on_result=on_result,
+                          progress=lambda job: make_progress(progress_mode))
+    except BatchInterrupted as stopped:
+        _finish_batch(args, stopped.report)
+        raise stopped.cause from None
+    return _finish_batch(args, report)
+
+
+def _finish_batch(args: argparse.Namespace, report) -> int:
+    if args.report is not None:
+        report.write(args.report)
+    if not args.quiet or report.exit_status:
+        print(f"vidscale batch: {report.summary()}", file=sys.stderr)
+    return report.exit_status
+
+
 def run_image(args: argparse.Namespace) -> int:
     from .media import Image, check_output, read_image, write_image
     from .pipeline import FrameUpscaler, sample_type
@@ -163,7 +240,10 @@ def run_image(args: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    run = {"models": run_models, "upscale": run_upscale, "image": run_image}[args.command]
+    run = {"models": run_models, "upscale": run_upscale, "batch": run_batch, "image": run_image}[args.command]
+    # SIGTERM (systemd, kill) stops a run like Ctrl-C does: raised in the main thread, where the
+    # pipeline turns it into a clean stop (inference drained, temporary output removed).
+    previous = signal.signal(signal.SIGTERM, _terminate)
     try:
         return run(args)
     except OutputClosedError as exc:
@@ -174,9 +254,14 @@ def main(argv: list[str] | None = None) -> int:
     except VidscaleError as exc:
         print(f"vidscale: error: {exc}", file=sys.stderr)
         return exc.exit_status
+    except Terminated:
+        print("vidscale: terminated", file=sys.stderr)
+        return EXIT_TERMINATED
     except KeyboardInterrupt:
         print("vidscale: interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 if __name__ == "__main__":

@@ -1,5 +1,8 @@
 """The exception tree. Each class carries the exit status the CLI returns for it."""
 
+# `vidscale batch` when some jobs failed (others may have succeeded); no exception carries it.
+EXIT_SOME_FAILED = 6
+
 
 class VidscaleError(Exception):
     """Base of every error vidscale raises on purpose; the message is one line for a person."""

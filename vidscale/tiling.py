@@ -108,6 +108,27 @@ class TilePlan:
         return len(self.tiles)
 
 
+def parse_tile(value) -> tuple[int, int] | None:
+    """A tile as the CLI and job files give it: 0 (automatic), N, "N", "HxW" or [H, W]; None is
+    automatic. Returns (height, width), or None for automatic; ValueError names what is wrong."""
+    if value is None:
+        return None
+    if isinstance(value, (list, tuple)):
+        parts = list(value)
+    else:
+        try:
+            parts = [int(p) for p in str(value).lower().split("x")]
+        except ValueError:
+            raise ValueError(f"tile {value!r} is not N or HxW") from None
+    if parts == [0]:
+        return None
+    if len(parts) == 1:
+        parts = parts * 2
+    if len(parts) != 2 or not all(isinstance(p, int) and p > 0 for p in parts):
+        raise ValueError(f"tile {value!r} must be 0 (automatic), N or HxW with N > 0")
+    return parts[0], parts[1]
+
+
 def _round_up(value: int, multiple: int) -> int:
     return -(-value // multiple) * multiple
 

@@ -1,0 +1,132 @@
+"""`vidscale batch` as a nightly timer runs it: job files, skip-when-done, reports, exit statuses."""
+
+import json
+
+import pytest
+
+from clips import make_clip
+from vidscale.cli import main
+from vidscale.errors import EXIT_SOME_FAILED
+
+FAST = ["-c:v", "libx264", "--preset", "ultrafast", "--progress", "none"]
+
+
+@pytest.fixture
+def batch(cache_dir, identity_x2, capsys):
+    def batch(*args: str) -> tuple[int, str]:
+        status = main(["--cache-dir", str(cache_dir), "batch", *args])
+        return status, capsys.readouterr().err
+
+    return batch
+
+
+def snapshot(folder):
+    return {p.name: (p.read_bytes(), p.stat().st_mtime_ns) for p in sorted(folder.iterdir())}
+
+
+def test_a_second_run_skips_every_job_already_done(tmp_path, batch, identity_x2):
+    sources = [make_clip(tmp_path / f"ep{n}.mkv", frames=4) for n in (1, 2)]
+    out, report = tmp_path / "out", tmp_path / "report.json"
+    out.mkdir()
+    args = [*map(str, sources), "--output-dir", str(out), "--template", "{stem}.x2.mkv", "-m", str(identity_x2),
+            *FAST, "--report", str(report)]
+    status, err = batch(*args)
+    assert status == 0, err
+    first = json.loads(report.read_text())
+    assert [(j["status"], j["frames"], j["output"]) for j in first["jobs"]] == [
+        ("done", 4, str(out / "ep1.x2.mkv")), ("done", 4, str(out / "ep2.x2.mkv"))]
+    assert all(j["seconds"] > 0 and j["fps"] > 0 and j["error"] is None for j in first["jobs"])
+    assert err.splitlines()[-1].startswith("vidscale batch: 2 jobs: 2 done, 0 skipped, 0 failed in ")
+    written = snapshot(out)
+    assert sorted(written) == ["ep1.x2.mkv", "ep1.x2.mkv.vidscale.json", "ep2.x2.mkv", "ep2.x2.mkv.vidscale.json"]
+
+    status, err = batch(*args)
+    assert status == 0, err
+    second = json.loads(report.read_text())
+    assert [j["status"] for j in second["jobs"]] == ["skipped", "skipped"]
+    assert (second["done"], second["skipped"], second["failed"]) == (0, 2, 0)
+    assert "2 jobs: 0 done, 2 skipped, 0 failed" in err
+    assert snapshot(out) == written
+
+
+def test_a_changed_input_is_not_skipped_and_its_old_output_is_kept_without_overwrite(tmp_path, batch, identity_x2):
+    source = make_clip(tmp_path / "ep1.mkv", frames=4)
+    out = tmp_path / "out"
+    out.mkdir()
+    args = [str(source), "--output-dir", str(out), "-m", str(identity_x2), *FAST]
+    assert batch(*args)[0] == 0
+    kept = (out / "ep1.upscaled.mkv").read_bytes()
+    make_clip(source, frames=5)  # the episode was replaced by a longer cut
+    status, err = batch(*args)
+    assert status == EXIT_SOME_FAILED
+    assert "ep1.upscaled.mkv already exists; pass --overwrite to replace it" in err
+    assert (out / "ep1.upscaled.mkv").read_bytes() == kept
+    status, err = batch(*args, "--overwrite")
+    assert status == 0, err
+    assert "5 frames" in err
+
+
+def test_job_file_with_defaults_per_job_settings_and_a_failing_job(tmp_path, batch, identity_x2):
+    season = tmp_path / "season"
+    season.mkdir()
+    for n in (1, 2):
+        make_clip(season / f"ep{n}.mkv", frames=3)
+    (season / "notes.txt").write_text("not a video")
+    (tmp_path / "broken.mkv").write_bytes(b"\x1a\x45\xdf\xa3 not really matroska" * 10)
+    jobs = tmp_path / "season.toml"
+    jobs.write_text(f'''
+output_dir = "out"
+template = "{{parent}}-{{stem}}.x2.mkv"
+
+[defaults]
+model = "{identity_x2}"
+codec = "libx264"
+preset = "ultrafast"
+tile = [40, 48]
+overlap = 8
+options = {{ tune = "animation" }}
+
+[[job]]
+inputs = "season"
+
+[[job]]
+inputs = ["broken.mkv", "season/ep1.*"]
+template = "extra-{{stem}}.mkv"
+codec = "ffv1"
+''')
+    (tmp_path / "out").mkdir()
+    status, err = batch(str(jobs), "--report", str(tmp_path / "report.json"), "--progress", "none")
+    assert status == EXIT_SOME_FAILED, err
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert [(j["input"], j["status"]) for j in report["jobs"]] == [
+        (str(season / "ep1.mkv"), "done"), (str(season / "ep2.mkv"), "done"),
+        (str(tmp_path / "broken.mkv"), "failed"), (str(season / "ep1.mkv"), "done")]
+    assert "broken.mkv" in report["jobs"][2]["error"] and "\n" not in report["jobs"][2]["error"]
+    assert sorted(p.name for p in (tmp_path / "out").glob("*.mkv")) == [
+        "extra-ep1.mkv", "season-ep1.x2.mkv", "season-ep2.x2.mkv"]
+    assert "4 jobs: 3 done, 0 skipped, 1 failed" in err.splitlines()[-1]
+
+
+@pytest.mark.parametrize("content, message", [
+    ('[[job]]\ninputs = "a.mkv"\ncrf = "high"\n', "crf = 'high' is not a valid value"),
+    ('[[job]]\ninputs = "a.mkv"\nspeed = 3\n', "unknown setting speed"),
+    ('output_dir = "out"\n', "has no [[job]] entries"),
+    ('[[job]\n', "cannot be read"),
+])
+def test_a_bad_job_file_is_refused_before_any_work(tmp_path, batch, content, message):
+    jobs = tmp_path / "jobs.toml"
+    jobs.write_text(content)
+    status, err = batch(str(jobs), "--output-dir", str(tmp_path))
+    assert status == 2
+    assert message in err and len(err.splitlines()) == 1
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["jobs.toml"]
+
+
+def test_two_inputs_for_one_output_are_refused(tmp_path, batch):
+    for folder in ("a", "b"):
+        (tmp_path / folder).mkdir()
+        make_clip(tmp_path / folder / "ep1.mkv", frames=2)
+    status, err = batch(str(tmp_path / "a" / "ep1.mkv"), str(tmp_path / "b" / "ep1.mkv"),
+                        "--output-dir", str(tmp_path))
+    assert status == 2
+    assert "would both be written to" in err and "{parent}" in err

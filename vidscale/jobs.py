@@ -1,0 +1,328 @@
+"""Unattended batches: many videos upscaled one after another, each written atomically, skipped
+when a sidecar beside its output says it is already done for the same input and settings, and a
+report of what happened to each.
+
+A job file (TOML):
+
+    output_dir = "upscaled"            # relative to the job file; --output-dir replaces it
+    template = "{stem}.x2.mkv"         # fields: {stem}, {name}, {parent} of each input
+
+    [defaults]                         # settings for every job; any key may also sit in a job
+    model = "realesr-animevideov3"
+    scale = 2
+    codec = "libx265"
+    crf = 20
+    options = { "x265-params" = "log-level=error" }
+
+    [[job]]
+    inputs = ["season1/*.mkv", "extras/op.mkv", "season2"]   # globs, files or directories
+    template = "{parent}/{stem}.x2.mkv"                      # per-job keys win over defaults
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import glob
+import hashlib
+import json
+import os
+import time
+import tomllib
+import typing
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+from .config import UpscaleSettings
+from .errors import EXIT_SOME_FAILED, UsageError, VidscaleError
+from .media import OUTPUT_FORMATS, EncoderSettings
+from .pipeline import upscale_video
+from .tiling import parse_tile
+
+DEFAULT_TEMPLATE = "{stem}.upscaled.mkv"
+SIDECAR_SUFFIX = ".vidscale.json"
+# What a directory given as input contributes: the files that look like videos.
+VIDEO_SUFFIXES = frozenset(OUTPUT_FORMATS) | {".mpg", ".mpeg", ".m2v", ".flv", ".wmv", ".ogv", ".3gp", ".vob"}
+_FINGERPRINT_BYTES = 1 << 20
+
+_ENGINE_KEYS = {f.name for f in dataclasses.fields(UpscaleSettings)} - {"cache_dir"}
+_ENCODER_KEYS = {"codec", "crf", "preset", "pix_fmt", "format", "options"}
+SETTING_KEYS = _ENGINE_KEYS | _ENCODER_KEYS | {"strict"}
+"""Keys a job file's [defaults] or a job may set; the CLI's batch options use the same names."""
+
+
+@dataclass(frozen=True)
+class Job:
+    source: Path
+    output: Path
+    settings: UpscaleSettings
+    encoder: EncoderSettings
+    strict: bool = False
+
+
+@dataclass(frozen=True)
+class JobResult:
+    """One line of the report. status: done, skipped or failed."""
+
+    input: str
+    output: str
+    status: str
+    frames: int = 0
+    seconds: float = 0.0
+    fps: float = 0.0
+    corrupt_packets: int = 0
+    retimed_frames: int = 0
+    error: str | None = None
+
+
+# --- building jobs ------------------------------------------------------------------------------
+
+def build_settings(values: dict, where: str, cache_dir: Path | None) -> tuple[UpscaleSettings, EncoderSettings, bool]:
+    """Frozen settings from job-file style keys (see SETTING_KEYS); `where` names the source in errors."""
+    unknown = sorted(set(values) - SETTING_KEYS)
+    if unknown:
+        raise UsageError(f"{where}: unknown setting {', '.join(unknown)}; "
+                         f"known: {', '.join(sorted(SETTING_KEYS))}")
+    values = dict(values)
+    if "tile" in values:
+        try:
+            values["tile"] = parse_tile(values["tile"])
+        except ValueError as exc:
+            raise UsageError(f"{where}: {exc}") from None
+    options = values.pop("options", {})
+    if not isinstance(options, dict):
+        raise UsageError(f"{where}: options must be a table of encoder options, e.g. {{ tune = \"film\" }}")
+    strict = values.pop("strict", False)
+    hints = typing.get_type_hints(UpscaleSettings) | typing.get_type_hints(EncoderSettings) | {"strict": bool}
+    for key, value in [*values.items(), ("strict", strict)]:
+        if key != "tile" and not _fits(value, hints[key]):
+            raise UsageError(f"{where}: {key} = {value!r} is not a valid value; see `vidscale upscale --help`")
+    engine = UpscaleSettings(cache_dir=cache_dir, **{k: v for k, v in values.items() if k in _ENGINE_KEYS})
+    encoder = EncoderSettings(options=tuple((str(k), str(v)) for k, v in options.items()),
+                              **{k: v for k, v in values.items() if k in _ENCODER_KEYS})
+    return engine, encoder, strict
+
+
+def _fits(value, hint) -> bool:
+    allowed = tuple(typing.get_origin(t) or t for t in (typing.get_args(hint) or (hint,)))
+    allowed = tuple(type(None) if t is None else t for t in allowed)
+    if isinstance(value, bool):
+        return bool in allowed
+    if isinstance(value, int) and float in allowed:
+        return True
+    return isinstance(value, allowed)
+
+
+def expand_inputs(pattern: str, base: Path) -> list[Path]:
+    """A file, a directory (its video files, not recursive) or a glob, relative to `base`."""
+    path = base / Path(pattern).expanduser()
+    if glob.has_magic(pattern):
+        found = sorted(Path(p) for p in glob.glob(str(path), recursive=True))
+        if not found:
+            raise UsageError(f"{pattern} matches no file; check the pattern")
+        return [p for p in found if p.is_file()]
+    if path.is_dir():
+        return sorted(p for p in path.iterdir() if p.is_file() and p.suffix.lower() in VIDEO_SUFFIXES)
+    # A missing or unreadable file is this job's failure, reported with the others.
+    return [path]
+
+
+def output_for(source: Path, output_dir: Path, template: str) -> Path:
+    try:
+        name = template.format(stem=source.stem, name=source.name, parent=source.parent.name)
+    except (KeyError, IndexError, ValueError) as exc:
+        raise UsageError(f"output template {template!r} is not valid ({exc}); "
+                         f"use the fields {{stem}}, {{name}} and {{parent}}") from None
+    return output_dir / name
+
+
+def jobs_from_inputs(inputs: list[str], output_dir: Path, template: str | None, values: dict,
+                     cache_dir: Path | None) -> list[Job]:
+    template = template or DEFAULT_TEMPLATE
+    settings, encoder, strict = build_settings(values, "the command line", cache_dir)
+    jobs = [Job(source, output_for(source, output_dir, template), settings, encoder, strict)
+            for pattern in inputs for source in expand_inputs(pattern, Path.cwd())]
+    return _checked(jobs)
+
+
+def jobs_from_file(path: Path, output_dir: Path | None, values: dict, cache_dir: Path | None) -> list[Job]:
+    """Jobs of a TOML job file; `values` (the command line's settings) replace its [defaults]."""
+    try:
+        document = tomllib.loads(path.read_text())
+    except FileNotFoundError:
+        raise UsageError(f"job file {path} does not exist; check the path") from None
+    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
+        raise UsageError(f"job file {path} cannot be read ({exc}); fix it and run again") from None
+    base = path.parent
+    unknown = sorted(set(document) - {"output_dir", "template", "defaults", "job"})
+    if unknown:
+        raise UsageError(f"{path}: unknown key {', '.join(unknown)}; "
+                         f"use output_dir, template, [defaults] and [[job]]")
+    defaults = {**document.get("defaults", {}), **values}
+    top_dir = output_dir or (base / document["output_dir"] if "output_dir" in document else None)
+    entries = document.get("job", [])
+    if not entries:
+        raise UsageError(f"{path} has no [[job]] entries; add one with inputs = [...]")
+    jobs = []
+    for number, entry in enumerate(entries, 1):
+        where = f"{path} job {number}"
+        entry = dict(entry)
+        inputs = entry.pop("inputs", None)
+        if isinstance(inputs, str):
+            inputs = [inputs]
+        if not inputs or not all(isinstance(i, str) for i in inputs):
+            raise UsageError(f"{where}: inputs must be a path, directory or glob, or a list of them")
+        job_dir = base / entry.pop("output_dir") if "output_dir" in entry else top_dir
+        if job_dir is None:
+            raise UsageError(f"{where}: no output directory; set output_dir or pass --output-dir")
+        template = entry.pop("template", document.get("template", DEFAULT_TEMPLATE))
+        settings, encoder, strict = build_settings({**defaults, **entry}, where, cache_dir)
+        jobs += [Job(source, output_for(source, job_dir, template), settings, encoder, strict)
+                 for pattern in inputs for source in expand_inputs(pattern, base)]
+    return _checked(jobs)
+
+
+def _checked(jobs: list[Job]) -> list[Job]:
+    if not jobs:
+        raise UsageError("the inputs name no video files; check the paths")
+    seen: dict[Path, Path] = {}
+    for job in jobs:
+        other = seen.setdefault(job.output.absolute(), job.source)
+        if other != job.source:
+            raise UsageError(f"{job.source} and {other} would both be written to {job.output}; "
+                             f"use {{parent}} or another template")
+    return jobs
+
+
+# --- skip when done -----------------------------------------------------------------------------
+
+def fingerprint(path: Path) -> dict:
+    """Who a file is, cheaply: size, mtime and a hash of its first and last MiB (a full hash of
+    hours of video would cost as much as a small job)."""
+    stat = path.stat()
+    digest = hashlib.sha256()
+    with open(path, "rb") as file:
+        digest.update(file.read(_FINGERPRINT_BYTES))
+        if stat.st_size > _FINGERPRINT_BYTES:
+            file.seek(max(stat.st_size - _FINGERPRINT_BYTES, _FINGERPRINT_BYTES))
+            digest.update(file.read())
+    return {"size": stat.st_size, "mtime_ns": stat.st_mtime_ns, "sha256_ends": digest.hexdigest()}
+
+
+def settings_digest(job: Job) -> str:
+    """Everything that changes the output's content. A model given as a file counts by content."""
+    settings = dataclasses.asdict(replace(job.settings, cache_dir=None))
+    model = Path(job.settings.model)
+    if model.is_file():
+        settings["model"] = fingerprint(model)["sha256_ends"]
+    record = {"settings": settings, "encoder": dataclasses.asdict(job.encoder), "strict": job.strict}
+    return hashlib.sha256(json.dumps(record, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def sidecar_path(output: Path) -> Path:
+    return output.with_name(output.name + SIDECAR_SUFFIX)
+
+
+def is_done(job: Job) -> bool:
+    """The output exists and its sidecar says it was made from this very input with these settings."""
+    try:
+        state = json.loads(sidecar_path(job.output).read_text())
+        return (job.output.stat().st_size == state["output_size"]
+                and state["input"] == fingerprint(job.source)
+                and state["settings"] == settings_digest(job))
+    except (OSError, ValueError, KeyError, TypeError):
+        return False
+
+
+def write_sidecar(job: Job, frames: int) -> None:
+    state = {"input": fingerprint(job.source), "settings": settings_digest(job), "frames": frames,
+             "output_size": job.output.stat().st_size, "source": str(job.source)}
+    _write_atomically(sidecar_path(job.output), json.dumps(state, indent=2) + "\n")
+
+
+def _write_atomically(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.partial")
+    try:
+        tmp.write_text(text)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+# --- running ------------------------------------------------------------------------------------
+
+@dataclass
+class BatchReport:
+    results: list[JobResult]
+    seconds: float = 0.0
+    interrupted: bool = False
+
+    def count(self, status: str) -> int:
+        return sum(r.status == status for r in self.results)
+
+    @property
+    def exit_status(self) -> int:
+        return EXIT_SOME_FAILED if self.count("failed") else 0
+
+    def summary(self) -> str:
+        text = (f"{len(self.results)} jobs: {self.count('done')} done, {self.count('skipped')} skipped, "
+                f"{self.count('failed')} failed in {self.seconds:.1f} s")
+        return text + ("; interrupted" if self.interrupted else "")
+
+    def write(self, path: Path) -> None:
+        record = {"jobs": [dataclasses.asdict(r) for r in self.results],
+                  "done": self.count("done"), "skipped": self.count("skipped"),
+                  "failed": self.count("failed"), "seconds": round(self.seconds, 3),
+                  "interrupted": self.interrupted}
+        _write_atomically(path, json.dumps(record, indent=2) + "\n")
+
+
+def run_jobs(jobs: list[Job], *, overwrite: bool = False, progress=lambda job: None,
+             on_start=lambda job: None, on_result=lambda job, result: None) -> BatchReport:
+    """Run `jobs` one after another (the engine already keeps every core busy).
+
+    A job whose output is complete for the same input and settings is skipped, even with
+    `overwrite`; an output without such a record is replaced only with `overwrite`. A failing job
+    is reported and the next one runs. KeyboardInterrupt (Ctrl-C, or SIGTERM as the CLI maps it)
+    stops the batch: the running job cleans up after itself and is reported as failed, and
+    BatchInterrupted carries the report so far (the caller still writes it) and the original.
+    """
+    report = BatchReport([])
+    started = time.monotonic()
+    for job in jobs:
+        if is_done(job):
+            result = JobResult(str(job.source), str(job.output), "skipped")
+        else:
+            on_start(job)
+            result = _run_one(job, overwrite, progress(job), report, started)
+        report.results.append(result)
+        on_result(job, result)
+    report.seconds = time.monotonic() - started
+    return report
+
+
+class BatchInterrupted(KeyboardInterrupt):
+    """The batch was stopped by a signal; `report` holds what ran until then."""
+
+    def __init__(self, report: BatchReport, cause: KeyboardInterrupt):
+        super().__init__(str(cause))
+        self.report, self.cause = report, cause
+
+
+def _run_one(job: Job, overwrite: bool, progress, report: BatchReport, started: float) -> JobResult:
+    try:
+        sidecar_path(job.output).unlink(missing_ok=True)  # it would vouch for the old output
+        result = upscale_video(job.source, job.output, job.settings, job.encoder, strict=job.strict,
+                               overwrite=overwrite, progress=progress)
+        write_sidecar(job, result.frames)
+    except KeyboardInterrupt as exc:
+        report.results.append(JobResult(str(job.source), str(job.output), "failed", error="interrupted"))
+        report.seconds, report.interrupted = time.monotonic() - started, True
+        raise BatchInterrupted(report, exc) from exc
+    except VidscaleError as exc:
+        return JobResult(str(job.source), str(job.output), "failed", error=str(exc))
+    except Exception as exc:  # noqa: BLE001 - one broken job must not stop a night's batch
+        return JobResult(str(job.source), str(job.output), "failed", error=f"{type(exc).__name__}: {exc}")
+    return JobResult(str(job.source), str(job.output), "done", frames=result.frames,
+                     seconds=round(result.seconds, 3), fps=round(result.fps, 3),
+                     corrupt_packets=result.corrupt_packets, retimed_frames=result.retimed_frames)
