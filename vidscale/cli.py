@@ -7,11 +7,12 @@ import os
 import signal
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 
-from .config import DEFAULT_IMAGE_MODEL, DEFAULT_VIDEO_MODEL, UpscaleSettings
+from .config import DEFAULT_DEDUP, DEFAULT_IMAGE_MODEL, DEFAULT_VIDEO_MODEL, UpscaleSettings
 from .errors import EXIT_SOME_FAILED, OutputClosedError, UsageError, VidscaleError
 from .progress import MODES, make_progress
 from .tiling import DEFAULT_OVERLAP, parse_tile
@@ -36,6 +37,20 @@ def _tile(text: str) -> tuple[int, int] | None:
         return parse_tile(text)
     except ValueError as exc:
         raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _dedup(text: str) -> float | None:
+    if text == "off":
+        return None
+    if text == "exact":
+        return 0.0
+    try:
+        threshold = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--dedup {text!r} is not off, exact or a number") from None
+    if not 0 <= threshold < 255:
+        raise argparse.ArgumentTypeError(f"--dedup threshold {text} must be from 0 to 255")
+    return threshold
 
 
 def _key_value(text: str) -> tuple[str, str]:
@@ -67,6 +82,9 @@ def _video_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("-x", "--encoder-option", action="append", default=[], type=_key_value, metavar="KEY=VALUE",
                         help="extra encoder option, repeatable (e.g. -x tune=animation)")
     parser.add_argument("-f", "--format", help="output container (default: from the extension; matroska for -)")
+    parser.add_argument("--dedup", type=_dedup, default=DEFAULT_DEDUP, metavar="off|exact|THRESHOLD",
+                        help="reuse the last upscaled frame for source frames that match it: off, exact "
+                             f"(identical only) or the largest 8x8-block mean difference (default {DEFAULT_DEDUP})")
     parser.add_argument("--strict", action="store_true",
                         help="fail on corrupt input packets instead of concealing them")
     parser.add_argument("--progress", choices=MODES, default="auto",
@@ -75,7 +93,7 @@ def _video_options(parser: argparse.ArgumentParser) -> None:
 
 # Batch options that are settings of each job, by argparse dest (-x is `encoder_option`).
 _BATCH_SETTINGS = {"model", "scale", "tile", "overlap", "precision", "device", "codec", "crf", "preset",
-                   "pix_fmt", "encoder_option", "format", "strict"}
+                   "pix_fmt", "encoder_option", "format", "strict", "dedup"}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -157,12 +175,15 @@ def run_upscale(args: argparse.Namespace) -> int:
     encoder = EncoderSettings(codec=args.codec, crf=args.crf, preset=args.preset, pix_fmt=args.pix_fmt,
                               options=tuple(args.encoder_option), format=args.format)
     progress = make_progress("none" if args.quiet else args.progress)
-    result = upscale_video(source, args.output, settings_from(args), encoder, strict=args.strict,
+    settings = replace(settings_from(args), dedup=args.dedup)
+    result = upscale_video(source, args.output, settings, encoder, strict=args.strict,
                            overwrite=args.overwrite, progress=progress)
     if not args.quiet:
         notes = []
         if result.corrupt_packets:
             notes.append(f"{result.corrupt_packets} corrupt packets concealed")
+        if result.reused_frames:
+            notes.append(f"{result.reused_frames} unchanged frames reused")
         if result.retimed_frames:
             notes.append(f"{result.retimed_frames} repeated timestamps moved one tick")
         print(f"{args.output}: {result.frames} frames in {result.seconds:.1f} s ({result.fps:.2f} fps)"

@@ -11,6 +11,11 @@ DEFAULT_VIDEO_MODEL = "realesr-animevideov3"
 DEFAULT_IMAGE_MODEL = "RealESRGAN_x4plus_anime_6B"
 # Activation memory one compiled request may use; the automatic tile size keeps inside it.
 DEFAULT_MEMORY_BUDGET = 2 * 1024**3
+# Largest mean absolute difference of any 8x8 block, in 8-bit code values, for a frame to reuse
+# the last upscaled one. Measured on the shared anime clips (onepiece 24 fps, anime4k 60 fps):
+# 4 reuses 31% and 30% of frames, and every reused source frame is within 48.6 dB PSNR of the
+# frame whose output it takes (below x264 crf 18's own loss); 6 reuses 54%/57% at >= 46.3 dB.
+DEFAULT_DEDUP = 4.0
 
 
 @dataclass(frozen=True)
@@ -26,3 +31,6 @@ class UpscaleSettings:
     device: str = "CPU"
     cache_dir: Path | None = None
     memory_budget: int = DEFAULT_MEMORY_BUDGET
+    dedup: float | None = DEFAULT_DEDUP
+    """Video only: reuse the last upscaled frame for source frames that match it (see
+    pipeline.frames_match); None turns it off, 0 reuses identical frames only."""

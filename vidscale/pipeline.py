@@ -111,6 +111,7 @@ def _store_tile(target: tuple[np.ndarray, int], output: np.ndarray) -> None:
 # with the length of the video.
 MAX_FRAMES_IN_FLIGHT = 6
 _DECODED_QUEUE = 4
+_BLOCK = 8
 _POLL = 0.1
 _END = object()
 
@@ -124,6 +125,8 @@ class VideoResult:
     seconds: float
     corrupt_packets: int
     retimed_frames: int
+    reused_frames: int
+    """Frames that matched the last inferred frame and reused its output (see frames_match)."""
 
     @property
     def fps(self) -> float:
@@ -173,6 +176,34 @@ class _Run:
             if self.stop.is_set():
                 return False
         return True
+
+
+def frames_match(frame: np.ndarray, reference: np.ndarray, threshold: float) -> bool:
+    """Whether `frame` may reuse the upscaled `reference` instead of going through the model.
+
+    threshold 0 means identical samples only. Otherwise the frame matches when no 8x8 block's
+    mean absolute difference exceeds `threshold` 8-bit code values: compression noise on a held
+    drawing stays under it, while a small moving detail (an eye, a mouth) fills a block with a
+    large mean and is never lost in a whole-frame average.
+    """
+    if threshold == 0:
+        return np.array_equal(frame, reference)
+    difference = np.abs(frame.astype(np.int32) - reference).sum(axis=2)
+    h, w = difference.shape
+    rows, cols = np.arange(0, h, _BLOCK), np.arange(0, w, _BLOCK)
+    block_sums = np.add.reduceat(np.add.reduceat(difference, rows, axis=0), cols, axis=1)
+    block_sizes = np.outer(np.diff(np.append(rows, h)), np.diff(np.append(cols, w))) * frame.shape[2]
+    peak = 65535 if frame.dtype == np.uint16 else 255
+    return bool((block_sums / block_sizes).max() * (255 / peak) <= threshold)
+
+
+class _ReusedFrame:
+    """A frame that matched the last inferred one: the encoder writes that output again at this pts."""
+
+    __slots__ = ("index", "pts")
+
+    def __init__(self, index: int, pts: int):
+        self.index, self.pts = index, pts
 
 
 class _PendingFrame:
@@ -229,18 +260,20 @@ def upscale_video(source, destination, settings: UpscaleSettings = UpscaleSettin
         with VideoWriter(destination, reader, out_w, out_h, replace(encoder, pix_fmt=pix_fmt)) as writer:
             progress.start(reader.expected_frames, reader.label)
             try:
-                decoded = _run_stages(reader, writer, plan, model, progress)
+                decoded, reused = _run_stages(reader, writer, plan, model, progress, settings.dedup)
             finally:
                 progress.close()
             if writer.frames_written != decoded:
                 raise MediaError(f"wrote {writer.frames_written} frames but decoded {decoded}; "
                                  f"the output is incomplete and was not kept")
         return VideoResult(output=str(destination), frames=decoded, seconds=time.monotonic() - started,
-                           corrupt_packets=reader.corrupt_packets, retimed_frames=writer.retimed_frames)
+                           corrupt_packets=reader.corrupt_packets, retimed_frames=writer.retimed_frames,
+                           reused_frames=reused)
 
 
-def _run_stages(reader: VideoReader, writer: VideoWriter, plan: TilePlan, model: Upscaler, progress) -> int:
-    """Run decode, inference and encode concurrently; returns the number of frames decoded."""
+def _run_stages(reader: VideoReader, writer: VideoWriter, plan: TilePlan, model: Upscaler, progress,
+                dedup: float | None) -> tuple[int, int]:
+    """Run decode, inference and encode concurrently; returns (frames decoded, frames reused)."""
     run = _Run()
     decoded_queue: queue.Queue = queue.Queue(maxsize=_DECODED_QUEUE)
     ordered: queue.Queue = queue.Queue()  # bounded by the frame semaphore and demux interleaving
@@ -258,13 +291,19 @@ def _run_stages(reader: VideoReader, writer: VideoWriter, plan: TilePlan, model:
             run.fail(exc)
 
     def encode():
+        upscaled = None
         try:
             while (item := run.get(ordered)) is not _END:
                 if isinstance(item, _PendingFrame):
                     if not run.wait(item.done):
                         return
-                    writer.write_frame(stitch(plan, item.results), item.pts)
+                    upscaled = stitch(plan, item.results)
+                    writer.write_frame(upscaled, item.pts)
                     slots.release()
+                    progress.update(writer.frames_written)
+                elif isinstance(item, _ReusedFrame):
+                    # Frames are written in order, so the last one written is the reference.
+                    writer.write_frame(upscaled, item.pts)
                     progress.update(writer.frames_written)
                 else:
                     writer.write_packet(item)
@@ -275,12 +314,21 @@ def _run_stages(reader: VideoReader, writer: VideoWriter, plan: TilePlan, model:
                threading.Thread(target=encode, name="vidscale-encode", daemon=True)]
     for thread in threads:
         thread.start()
-    frames = 0
+    frames = reused = 0
+    reference = None
     try:
         while (event := run.get(decoded_queue)) is not _END:
             if not isinstance(event, VideoFrame):
                 ordered.put(event)
                 continue
+            frames += 1
+            # Compared with the last frame that went through the model, not the previous one,
+            # so a slow fade cannot creep past the threshold one small step at a time.
+            if dedup is not None and reference is not None and frames_match(event.rgb, reference, dedup):
+                ordered.put(_ReusedFrame(event.index, event.pts))
+                reused += 1
+                continue
+            reference = event.rgb
             if not run.acquire(slots):
                 break
             pending = _PendingFrame(event.index, event.pts, np.empty(result_shape, model.dtype))
@@ -288,7 +336,6 @@ def _run_stages(reader: VideoReader, writer: VideoWriter, plan: TilePlan, model:
             for tile in range(len(plan)):
                 inference.submit(tiles[tile : tile + 1], (pending, tile))
             ordered.put(pending)
-            frames += 1
         ordered.put(_END)
         inference.wait_all()
     except BaseException as exc:
@@ -306,4 +353,4 @@ def _run_stages(reader: VideoReader, writer: VideoWriter, plan: TilePlan, model:
             thread.join(timeout=None if run.error is None else 5)
     if run.error is not None:
         raise run.error
-    return frames
+    return frames, reused
