@@ -1,6 +1,9 @@
 """`vidscale batch` as a nightly timer runs it: job files, skip-when-done, reports, exit statuses."""
 
 import json
+import signal
+import subprocess
+import sys
 
 import pytest
 
@@ -130,3 +133,37 @@ def test_two_inputs_for_one_output_are_refused(tmp_path, batch):
                         "--output-dir", str(tmp_path))
     assert status == 2
     assert "would both be written to" in err and "{parent}" in err
+
+
+# --- signals ------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("command, signum, status", [
+    ("upscale", signal.SIGTERM, 143),
+    ("upscale", signal.SIGINT, 130),
+    ("batch", signal.SIGTERM, 143),
+])
+def test_a_signal_stops_the_run_cleanly_and_leaves_nothing(tmp_path, cache_dir, identity_x2, command, signum, status):
+    source = make_clip(tmp_path / "long.mkv", frames=600, size=(128, 96), audio=False)
+    out = tmp_path / "out"
+    out.mkdir()
+    where = ["-o", str(out / "long.x2.mkv")] if command == "upscale" else [
+        "--output-dir", str(out), "--report", str(tmp_path / "report.json")]
+    process = subprocess.Popen(
+        [sys.executable, "-m", "vidscale", "--cache-dir", str(cache_dir), command, str(source), *where,
+         "-m", str(identity_x2), "-c:v", "libx264", "--progress", "json"],
+        stderr=subprocess.PIPE, text=True)
+    try:
+        first = json.loads(process.stderr.readline())  # frames are flowing: stop mid-run
+        process.send_signal(signum)
+        err = process.stderr.read()
+        assert process.wait(timeout=120) == status, err
+    finally:
+        process.kill()
+    assert first["frame"] < 600
+    assert err.splitlines()[-1] == ("vidscale: terminated" if signum == signal.SIGTERM else "vidscale: interrupted")
+    assert "Traceback" not in err
+    assert list(out.iterdir()) == []  # no output, no .partial, no sidecar
+    if command == "batch":
+        report = json.loads((tmp_path / "report.json").read_text())
+        assert report["interrupted"] is True
+        assert [(j["status"], j["error"]) for j in report["jobs"]] == [("failed", "interrupted")]
