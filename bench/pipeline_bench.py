@@ -1,0 +1,151 @@
+"""End-to-end fps of `vidscale upscale` against the bare compiled model on the same shapes.
+
+For each model and precision, three fresh processes run one after another in this one benchmark
+run: the bare compiled model kept busy with every tile of N frames (the limit), then the whole
+pipeline (decode, tile, infer, stitch, encode, mux with audio) with a fast encoder (ffv1) and with
+the default encoder (libx264 crf 18 preset slow), both with duplicate-frame reuse off, so that
+ratio = pipeline fps / bare fps is the pipeline's efficiency; then ffv1 with reuse at its default
+threshold, whose ratio shows what reuse adds. Each process reports its own peak RSS.
+
+    python bench/pipeline_bench.py [--clip ../shared/media/realesrgan_onepiece_demo.mp4] [--seconds 30]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import av
+import numpy as np
+
+from vidscale.config import DEFAULT_DEDUP
+
+DEFAULT_CLIP = Path(__file__).resolve().parents[2] / "shared" / "media" / "realesrgan_onepiece_demo.mp4"
+MODELS = ["realesr-animevideov3", "RealESRGAN_x4plus_anime_6B"]
+# (column, encoder settings, dedup): efficiency is measured with reuse off, so that the pipeline
+# does exactly the bare model's work; the last column shows what reuse adds on top.
+RUNS = [("ffv1", {"codec": "ffv1"}, None), ("x264 default", {"codec": "libx264"}, None),
+        ("ffv1 + reuse", {"codec": "ffv1"}, DEFAULT_DEDUP)]
+
+
+def cut(clip: Path, frames: int, target: Path) -> Path:
+    """The first `frames` frames of `clip` (lossless ffv1) with the audio of the same span copied."""
+    with av.open(str(clip)) as src, av.open(str(target), "w") as dst:
+        video_in = src.streams.video[0]
+        video = dst.add_stream("ffv1", rate=video_in.average_rate)
+        video.width, video.height, video.pix_fmt = video_in.width, video_in.height, "yuv420p"
+        video.time_base = video.codec_context.time_base = video_in.time_base
+        audio_in = src.streams.audio[0] if src.streams.audio else None
+        audio = dst.add_stream_from_template(audio_in) if audio_in else None
+        written, end = 0, None
+        for packet in src.demux():
+            if packet.stream is audio_in:
+                if packet.size and packet.pts is not None and (end is None or packet.pts * packet.time_base < end):
+                    packet.stream = audio
+                    dst.mux(packet)
+                continue
+            for frame in packet.decode():
+                if written < frames:
+                    dst.mux(video.encode(frame))
+                    written += 1
+                    if written == frames:
+                        end = (frame.pts + 1) * frame.time_base
+        dst.mux(video.encode())
+    return target
+
+
+def child_bare(model: str, precision: str, height: int, width: int, frames: int, cache: str) -> dict:
+    from vidscale.config import UpscaleSettings
+    from vidscale.pipeline import FrameUpscaler
+
+    upscaler = FrameUpscaler(UpscaleSettings(model=model, precision=precision, cache_dir=Path(cache)))
+    plan = upscaler.plan(height, width)
+    compiled = upscaler.upscaler_for(plan, "u8")
+    batch = np.random.default_rng(0).integers(0, 256, compiled.input_shape, dtype=np.uint8)
+    queue = compiled.queue(lambda *_: None)
+    for _ in range(compiled.requests):  # warm-up
+        queue.submit(batch, None)
+    queue.wait_all()
+    started = time.perf_counter()
+    for _ in range(frames * len(plan)):
+        queue.submit(batch, None)
+    queue.wait_all()
+    seconds = time.perf_counter() - started
+    return {"fps": frames / seconds, "tiles": len(plan), "tile": list(plan.tile_shape),
+            "requests": compiled.requests, "rss_mb": _rss_mb()}
+
+
+def child_pipeline(model: str, precision: str, clip: str, encoder: dict, cache: str, dedup: float | None) -> dict:
+    from vidscale.config import UpscaleSettings
+    from vidscale.media import EncoderSettings
+    from vidscale.pipeline import upscale_video
+
+    settings = UpscaleSettings(model=model, precision=precision, cache_dir=Path(cache), dedup=dedup)
+    with tempfile.TemporaryDirectory() as tmp:
+        result = upscale_video(clip, Path(tmp) / "out.mkv", settings, EncoderSettings(**encoder))
+    return {"fps": result.fps, "frames": result.frames, "reused": result.reused_frames, "rss_mb": _rss_mb()}
+
+
+def _rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def in_child(kind: str, **kwargs) -> dict:
+    done = subprocess.run([sys.executable, __file__, "--child", json.dumps({"kind": kind, **kwargs})],
+                          capture_output=True, text=True, check=True)
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--clip", type=Path, default=DEFAULT_CLIP)
+    parser.add_argument("--seconds", type=float, default=30.0, help="aim for pipeline runs this long")
+    parser.add_argument("--models", nargs="*", default=MODELS)
+    parser.add_argument("--precisions", nargs="*", default=["f32", "bf16"])
+    parser.add_argument("--cache-dir", default=None, help="IR cache (default: a fresh temporary one)")
+    parser.add_argument("--child", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        job = json.loads(args.child)
+        kind = job.pop("kind")
+        print(json.dumps((child_bare if kind == "bare" else child_pipeline)(**job)))
+        return
+
+    cache = args.cache_dir or tempfile.mkdtemp(prefix="vidscale-bench-")
+    with av.open(str(args.clip)) as container:
+        stream = container.streams.video[0]
+        height, width, total = stream.height, stream.width, stream.frames
+    print(f"clip: {args.clip.name} {width}x{height}, {total} frames; each pipeline run ~{args.seconds:.0f} s")
+    header = (f"{'model':27} {'prec':>4} {'tiles':>5} {'bare fps':>8} | "
+              + " | ".join(f"{name + ' fps':>16} {'ratio':>5} {'RSS MB':>6}" for name, _, _ in RUNS))
+    print(header)
+    print("-" * len(header))
+    with tempfile.TemporaryDirectory() as tmp:
+        for model in args.models:
+            for precision in args.precisions:
+                probe = in_child("bare", model=model, precision=precision, height=height, width=width,
+                                 frames=2, cache=cache)
+                frames = int(min(total, max(8, probe["fps"] * args.seconds)))
+                clip = cut(args.clip, frames, Path(tmp) / f"cut{frames}.mkv")
+                bare = in_child("bare", model=model, precision=precision, height=height, width=width,
+                                frames=frames, cache=cache)
+                cells, reuse = [], ""
+                for _, encoder, dedup in RUNS:
+                    run = in_child("pipeline", model=model, precision=precision, clip=str(clip),
+                                   encoder=encoder, cache=cache, dedup=dedup)
+                    cells.append(f"{run['fps']:16.3f} {run['fps'] / bare['fps']:5.2f} {run['rss_mb']:6.0f}")
+                    if dedup is not None:
+                        reuse = f", reused {run['reused']}/{run['frames']}"
+                print(f"{model:27} {precision:>4} {bare['tiles']:>5} {bare['fps']:8.3f} | " + " | ".join(cells)
+                      + f"   ({frames} frames, tile {bare['tile'][0]}x{bare['tile'][1]}, "
+                        f"{bare['requests']} requests, bare RSS {bare['rss_mb']:.0f} MB{reuse})", flush=True)
+
+
+if __name__ == "__main__":
+    main()
