@@ -8,6 +8,13 @@ import numpy as np
 
 from conftest import media
 
+# name: (make_clip's `colour` tag, the matrix and range a reader must report)
+COLOUR_CASES = {
+    "bt601-limited": (("ITU601", "MPEG", 6), "smpte170m", "tv"),
+    "bt709-limited": (("ITU709", "MPEG", 1), "bt709", "tv"),
+    "bt709-full": (("ITU709", "JPEG", 1), "bt709", "pc"),
+}
+
 
 def pattern(height: int, width: int, shift: int = 0) -> np.ndarray:
     """Blocks of saturated and mid colours (so a wrong matrix shows), moving with `shift`."""

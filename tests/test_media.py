@@ -9,7 +9,8 @@ import av
 import numpy as np
 import pytest
 
-from clips import bad_inputs, corrupt_clip, demux_all, make_clip, pattern, resolution_change, stream_tags
+from clips import (COLOUR_CASES, bad_inputs, corrupt_clip, demux_all, make_clip, pattern, resolution_change,
+                   stream_tags)
 from conftest import media, nearest
 from vidscale.errors import MediaError
 from vidscale.media import (
@@ -132,13 +133,6 @@ def test_rotation_and_sample_aspect_ratio_kept(tmp_path):
 
 
 # --- colour --------------------------------------------------------------------------------
-
-COLOUR_CASES = {
-    "bt601-limited": (("ITU601", "MPEG", 6), "smpte170m", "tv"),
-    "bt709-limited": (("ITU709", "MPEG", 1), "bt709", "tv"),
-    "bt709-full": (("ITU709", "JPEG", 1), "bt709", "pc"),
-}
-
 
 @pytest.mark.parametrize("case", COLOUR_CASES)
 def test_colour_round_trip_within_two_code_values(tmp_path, case):

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 import vidscale
-from clips import demux_all, make_clip, stream_tags
+from clips import COLOUR_CASES, demux_all, make_clip, pattern, stream_tags
 from conftest import media
 from vidscale import pipeline
 from vidscale.cli import main
@@ -58,6 +58,18 @@ def test_frames_timestamps_and_every_other_stream_survive(tmp_path, run):
     for before, after in zip(decoded(source), decoded(tmp_path / "out.mkv"), strict=True):
         assert after.rgb.shape == (96, 128, 3)
         assert np.abs(after.rgb[::2, ::2].astype(int) - before.rgb).mean() < 4
+
+
+@pytest.mark.parametrize("case", COLOUR_CASES)
+def test_known_colours_survive_decode_model_encode_within_two_code_values(tmp_path, run, case):
+    tag, matrix, _ = COLOUR_CASES[case]
+    source = make_clip(tmp_path / "in.mkv", frames=2, codec="ffv1", pix_fmt="yuv444p", colour=tag, audio=False)
+    assert run(str(source), "-o", str(tmp_path / "out.mkv"), "-c:v", "ffv1", "--pix-fmt", "yuv444p")[0] == 0
+    with VideoReader(tmp_path / "out.mkv") as out:
+        assert (out.info.colorspace, out.info.color_range) == (matrix, "tv")
+        assert not out.info.colorspace_guessed and not out.info.color_range_guessed
+    for index, frame in enumerate(decoded(tmp_path / "out.mkv")):
+        assert np.abs(frame.rgb[::2, ::2].astype(int) - pattern(48, 64, index)).max() <= 2
 
 
 def test_variable_frame_rate_keeps_every_timestamp(tmp_path, run):
