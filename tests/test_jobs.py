@@ -4,10 +4,11 @@ import json
 import signal
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
-from clips import make_clip
+from clips import corrupt_clip, make_clip
 from vidscale.cli import main
 from vidscale.errors import EXIT_SOME_FAILED
 
@@ -167,3 +168,34 @@ def test_a_signal_stops_the_run_cleanly_and_leaves_nothing(tmp_path, cache_dir, 
         report = json.loads((tmp_path / "report.json").read_text())
         assert report["interrupted"] is True
         assert [(j["status"], j["error"]) for j in report["jobs"]] == [("failed", "interrupted")]
+
+
+def test_log_file_records_jobs_warnings_and_errors(tmp_path, batch, identity_x2):
+    broken = corrupt_clip(tmp_path)
+    (tmp_path / "noise.mkv").write_bytes(b"\x00" * 4000)
+    out, log = tmp_path / "out", tmp_path / "vidscale.jsonl"
+    out.mkdir()
+    status, _ = batch(str(broken), str(tmp_path / "noise.mkv"), "--output-dir", str(out), "-m", str(identity_x2),
+                      "-c:v", "ffv1", "--progress", "none", "--log-file", str(log))
+    assert status == EXIT_SOME_FAILED
+    records = [json.loads(line) for line in log.read_text().splitlines()]
+    assert all(r["time"].endswith("+00:00") for r in records)
+    events = [(r["event"], Path(r.get("input", "")).name) for r in records if r["event"] != "progress"]
+    assert events == [("job_start", "broken.mkv"), ("warning", "broken.mkv"), ("job_end", "broken.mkv"),
+                      ("job_start", "noise.mkv"), ("job_end", "noise.mkv"), ("batch_end", "")]
+    by_event = {r["event"]: r for r in records}
+    assert by_event["warning"]["message"] == "1 corrupt packets concealed"
+    assert records[-2]["status"] == "failed" and "noise.mkv is not a video file" in records[-2]["error"]
+    assert by_event["progress"]["frame"] == 5 and Path(by_event["progress"]["input"]).name == "broken.mkv"
+    assert by_event["batch_end"]["failed"] == 1
+
+
+def test_log_file_of_a_failing_upscale(tmp_path, cache_dir, capsys):
+    log = tmp_path / "vidscale.jsonl"
+    status = main(["--cache-dir", str(cache_dir), "upscale", str(tmp_path / "gone.mkv"), "-o",
+                   str(tmp_path / "out.mkv"), "--log-file", str(log)])
+    assert status == 5
+    assert "gone.mkv does not exist" in capsys.readouterr().err
+    records = [json.loads(line) for line in log.read_text().splitlines()]
+    assert [r["event"] for r in records] == ["start", "error"]
+    assert records[1]["exit_status"] == 5 and "gone.mkv does not exist" in records[1]["message"]

@@ -7,14 +7,14 @@ import os
 import signal
 import sys
 import time
-from dataclasses import replace
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import numpy as np
 
 from .config import DEFAULT_DEDUP, DEFAULT_IMAGE_MODEL, DEFAULT_VIDEO_MODEL, UpscaleSettings
 from .errors import EXIT_SOME_FAILED, OutputClosedError, UsageError, VidscaleError
-from .progress import MODES, make_progress
+from .progress import MODES, Both, EventLog, make_progress
 from .tiling import DEFAULT_OVERLAP, parse_tile
 
 # 128 + the signal number, what a shell reports for a process the signal killed.
@@ -89,6 +89,8 @@ def _video_options(parser: argparse.ArgumentParser) -> None:
                         help="fail on corrupt input packets instead of concealing them")
     parser.add_argument("--progress", choices=MODES, default="auto",
                         help="bar (tqdm), json (JSON lines), none; auto = bar on a terminal")
+    parser.add_argument("--log-file", type=Path,
+                        help="append JSON lines here: start, end, warnings, errors, progress every 30 s")
 
 
 # Batch options that are settings of each job, by argparse dest (-x is `encoder_option`).
@@ -165,7 +167,31 @@ def run_models(args: argparse.Namespace) -> int:
     return 0
 
 
-def run_upscale(args: argparse.Namespace) -> int:
+def _notes(result) -> list[str]:
+    """What a person should know about a finished video (a VideoResult or a batch JobResult)."""
+    notes = []
+    if result.corrupt_packets:
+        notes.append(f"{result.corrupt_packets} corrupt packets concealed")
+    if result.reused_frames:
+        notes.append(f"{result.reused_frames} unchanged frames reused")
+    if result.retimed_frames:
+        notes.append(f"{result.retimed_frames} repeated timestamps moved one tick")
+    return notes
+
+
+def _log_warnings(log: EventLog | None, result, **where) -> None:
+    # Reused frames are an optimisation, not something that went wrong with the input.
+    for note in _notes(result):
+        if log is not None and "reused" not in note:
+            log.write("warning", message=note, **where)
+
+
+def _progress(args: argparse.Namespace, log: EventLog | None, **where):
+    shown = make_progress("none" if args.quiet else args.progress)
+    return shown if log is None else Both(shown, log.progress(**where))
+
+
+def run_upscale(args: argparse.Namespace, log: EventLog | None) -> int:
     from .media import EncoderSettings
     from .pipeline import upscale_video
 
@@ -174,24 +200,24 @@ def run_upscale(args: argparse.Namespace) -> int:
     source = args.input if args.input is not None else args.input_option
     encoder = EncoderSettings(codec=args.codec, crf=args.crf, preset=args.preset, pix_fmt=args.pix_fmt,
                               options=tuple(args.encoder_option), format=args.format)
-    progress = make_progress("none" if args.quiet else args.progress)
+    where = {"input": source, "output": args.output}
+    if log is not None:
+        log.write("start", **where)
     settings = replace(settings_from(args), dedup=args.dedup)
     result = upscale_video(source, args.output, settings, encoder, strict=args.strict,
-                           overwrite=args.overwrite, progress=progress)
+                           overwrite=args.overwrite, progress=_progress(args, log, **where))
+    _log_warnings(log, result, **where)
+    if log is not None:
+        log.write("end", **where, status="done", frames=result.frames, seconds=round(result.seconds, 3),
+                  fps=round(result.fps, 3), corrupt_packets=result.corrupt_packets,
+                  retimed_frames=result.retimed_frames, reused_frames=result.reused_frames)
     if not args.quiet:
-        notes = []
-        if result.corrupt_packets:
-            notes.append(f"{result.corrupt_packets} corrupt packets concealed")
-        if result.reused_frames:
-            notes.append(f"{result.reused_frames} unchanged frames reused")
-        if result.retimed_frames:
-            notes.append(f"{result.retimed_frames} repeated timestamps moved one tick")
         print(f"{args.output}: {result.frames} frames in {result.seconds:.1f} s ({result.fps:.2f} fps)"
-              + "".join(f"; {note}" for note in notes), file=sys.stderr)
+              + "".join(f"; {note}" for note in _notes(result)), file=sys.stderr)
     return 0
 
 
-def run_batch(args: argparse.Namespace) -> int:
+def run_batch(args: argparse.Namespace, log: EventLog | None) -> int:
     from .jobs import BatchInterrupted, jobs_from_file, jobs_from_inputs, run_jobs
 
     values = {key: getattr(args, key) for key in _BATCH_SETTINGS if hasattr(args, key)}
@@ -205,30 +231,40 @@ def run_batch(args: argparse.Namespace) -> int:
         jobs = jobs_from_inputs(args.inputs, args.output_dir, args.template, values,
                                 args.cache_dir)
 
+    def on_start(job) -> None:
+        if log is not None:
+            log.write("job_start", input=str(job.source), output=str(job.output))
+
     def on_result(job, result) -> None:
+        if log is not None:
+            _log_warnings(log, result, input=result.input, output=result.output)
+            log.write("job_end", **asdict(result))
         if args.quiet and result.status != "failed":
             return
         if result.status == "done":
-            text = f"{result.frames} frames in {result.seconds:.1f} s ({result.fps:.2f} fps) -> {result.output}"
+            text = (f"{result.frames} frames in {result.seconds:.1f} s ({result.fps:.2f} fps) -> {result.output}"
+                    + "".join(f"; {note}" for note in _notes(result)))
         elif result.status == "skipped":
             text = f"skipped, {result.output} is already done"
         else:
             text = f"failed: {result.error}"
         print(f"{result.input}: {text}", file=sys.stderr)
 
-    progress_mode = "none" if args.quiet else args.progress
     try:
-        report = run_jobs(jobs, overwrite=args.overwrite, on_result=on_result,
-                          progress=lambda job: make_progress(progress_mode))
+        report = run_jobs(jobs, overwrite=args.overwrite, on_start=on_start, on_result=on_result,
+                          progress=lambda job: _progress(args, log, input=str(job.source)))
     except BatchInterrupted as stopped:
-        _finish_batch(args, stopped.report)
+        _finish_batch(args, stopped.report, log)
         raise stopped.cause from None
-    return _finish_batch(args, report)
+    return _finish_batch(args, report, log)
 
 
-def _finish_batch(args: argparse.Namespace, report) -> int:
+def _finish_batch(args: argparse.Namespace, report, log: EventLog | None) -> int:
     if args.report is not None:
         report.write(args.report)
+    if log is not None:
+        log.write("batch_end", summary=report.summary(), done=report.count("done"),
+                  skipped=report.count("skipped"), failed=report.count("failed"))
     if not args.quiet or report.exit_status:
         print(f"vidscale batch: {report.summary()}", file=sys.stderr)
     return report.exit_status
@@ -261,12 +297,16 @@ def run_image(args: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    run = {"models": run_models, "upscale": run_upscale, "batch": run_batch, "image": run_image}[args.command]
+    log = None
     # SIGTERM (systemd, kill) stops a run like Ctrl-C does: raised in the main thread, where the
     # pipeline turns it into a clean stop (inference drained, temporary output removed).
     previous = signal.signal(signal.SIGTERM, _terminate)
     try:
-        return run(args)
+        if getattr(args, "log_file", None) is not None:
+            log = _open_log(args.log_file)
+        if args.command in ("upscale", "batch"):
+            return {"upscale": run_upscale, "batch": run_batch}[args.command](args, log)
+        return {"models": run_models, "image": run_image}[args.command](args)
     except OutputClosedError as exc:
         # The reader of our stdout went away (`| head`): nothing to tell it, and Python's own
         # flush of stdout at exit must not fail again with a traceback.
@@ -274,15 +314,27 @@ def main(argv: list[str] | None = None) -> int:
         return exc.exit_status
     except VidscaleError as exc:
         print(f"vidscale: error: {exc}", file=sys.stderr)
+        if log is not None:
+            log.write("error", message=str(exc), exit_status=exc.exit_status)
         return exc.exit_status
-    except Terminated:
-        print("vidscale: terminated", file=sys.stderr)
-        return EXIT_TERMINATED
-    except KeyboardInterrupt:
-        print("vidscale: interrupted", file=sys.stderr)
-        return EXIT_INTERRUPTED
+    except KeyboardInterrupt as exc:
+        terminated = isinstance(exc, Terminated)
+        print(f"vidscale: {'terminated' if terminated else 'interrupted'}", file=sys.stderr)
+        if log is not None:
+            log.write("interrupted", signal="SIGTERM" if terminated else "SIGINT")
+        return EXIT_TERMINATED if terminated else EXIT_INTERRUPTED
     finally:
         signal.signal(signal.SIGTERM, previous)
+        if log is not None:
+            log.close()
+
+
+def _open_log(path: Path) -> EventLog:
+    try:
+        return EventLog(path)
+    except OSError as exc:
+        raise UsageError(f"cannot open the log file {path} ({exc.strerror}); "
+                         f"choose a path in a writable directory") from None
 
 
 if __name__ == "__main__":

@@ -71,6 +71,7 @@ class JobResult:
     fps: float = 0.0
     corrupt_packets: int = 0
     retimed_frames: int = 0
+    reused_frames: int = 0
     error: str | None = None
 
 
@@ -325,4 +326,5 @@ def _run_one(job: Job, overwrite: bool, progress, report: BatchReport, started: 
         return JobResult(str(job.source), str(job.output), "failed", error=f"{type(exc).__name__}: {exc}")
     return JobResult(str(job.source), str(job.output), "done", frames=result.frames,
                      seconds=round(result.seconds, 3), fps=round(result.fps, 3),
-                     corrupt_packets=result.corrupt_packets, retimed_frames=result.retimed_frames)
+                     corrupt_packets=result.corrupt_packets, retimed_frames=result.retimed_frames,
+                     reused_frames=result.reused_frames)

@@ -1,4 +1,5 @@
-"""Progress for people (a tqdm bar on stderr) and for programs (JSON lines on stderr).
+"""Progress for people (a tqdm bar on stderr), for programs (JSON lines on stderr), and a JSON-lines
+log file for unattended runs.
 
 stdout may be carrying video, so nothing here ever writes to it.
 """
@@ -8,12 +9,16 @@ from __future__ import annotations
 import json
 import sys
 import time
+from datetime import datetime, timezone
+from pathlib import Path
 from typing import TextIO
 
 from tqdm import tqdm
 
 MODES = ("auto", "bar", "json", "none")
 _JSON_INTERVAL = 1.0
+# A log file keeps a record of long runs, not a live display: one progress line every so often.
+LOG_INTERVAL = 30.0
 
 
 class Progress:
@@ -49,8 +54,9 @@ class BarProgress(Progress):
 class JsonProgress(Progress):
     """One JSON object per line, at most once a second and once at the end, for wrappers."""
 
-    def __init__(self, stream: TextIO):
+    def __init__(self, stream: TextIO | None, interval: float = _JSON_INTERVAL):
         self._stream = stream
+        self._interval = interval
         self._total: int | None = None
         self._started = self._last = 0.0
         self._frames = 0
@@ -63,7 +69,7 @@ class JsonProgress(Progress):
     def update(self, frames: int) -> None:
         self._frames = frames
         now = time.monotonic()
-        if now - self._last >= _JSON_INTERVAL:
+        if now - self._last >= self._interval:
             self._emit(now)
 
     def close(self) -> None:
@@ -77,8 +83,60 @@ class JsonProgress(Progress):
         eta = (self._total - self._frames) / fps if self._total and fps > 0 else None
         record = {"frame": self._frames, "total": self._total, "fps": round(fps, 3),
                   "eta": None if eta is None else round(eta, 1), "elapsed": round(elapsed, 1)}
+        self._write(record)
+
+    def _write(self, record: dict) -> None:
         self._stream.write(json.dumps(record) + "\n")
         self._stream.flush()
+
+
+class Both(Progress):
+    """Tells two progress displays the same thing (the terminal's and the log file's)."""
+
+    def __init__(self, first: Progress, second: Progress):
+        self._all = (first, second)
+
+    def start(self, total: int | None, label: str) -> None:
+        for progress in self._all:
+            progress.start(total, label)
+
+    def update(self, frames: int) -> None:
+        for progress in self._all:
+            progress.update(frames)
+
+    def close(self) -> None:
+        for progress in self._all:
+            progress.close()
+
+
+class EventLog:
+    """`--log-file`: one JSON object per line, appended, each with its UTC time and event name
+    (start, end, warning, error, progress...), so a timer's runs can be followed and audited."""
+
+    def __init__(self, path: Path):
+        self._file = open(path, "a", encoding="utf-8")  # noqa: SIM115 - held for the whole run
+
+    def write(self, event: str, **fields) -> None:
+        record = {"time": datetime.now(timezone.utc).isoformat(timespec="milliseconds"), "event": event,
+                  **fields}
+        self._file.write(json.dumps(record, default=str) + "\n")
+        self._file.flush()
+
+    def progress(self, **fields) -> Progress:
+        """Periodic progress records (every LOG_INTERVAL seconds and at the end), with `fields`."""
+        return _LoggedProgress(self, fields)
+
+    def close(self) -> None:
+        self._file.close()
+
+
+class _LoggedProgress(JsonProgress):
+    def __init__(self, log: EventLog, fields: dict):
+        super().__init__(None, interval=LOG_INTERVAL)
+        self._log, self._fields = log, fields
+
+    def _write(self, record: dict) -> None:
+        self._log.write("progress", **self._fields, **record)
 
 
 def make_progress(mode: str, stream: TextIO | None = None) -> Progress:
