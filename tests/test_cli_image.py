@@ -42,6 +42,21 @@ def test_a_16_bit_png_keeps_16_bits(tmp_path, run, identity_model):
     assert len(np.unique(out & 0xFF)) > 200
 
 
+@pytest.mark.parametrize("dtype, alpha", [(np.uint8, False), (np.uint16, False), (np.uint8, True),
+                                          (np.uint16, True)])
+def test_grey_pictures_stay_grey(tmp_path, run, identity_model, dtype, alpha):
+    rng = np.random.default_rng(10)
+    grey = rng.integers(0, np.iinfo(dtype).max + 1, (6, 9, 1), dtype=dtype)
+    pixels = np.concatenate([grey] * 3 + ([rng.integers(0, 256, (6, 9, 1)).astype(dtype)] if alpha else []),
+                            axis=2)
+    write_image(Image(pixels, grey=True), tmp_path / "grey.png")
+    assert read_image(tmp_path / "grey.png").grey
+    assert run("image", str(tmp_path / "grey.png"), "-o", str(tmp_path / "out.png"), "-m", str(identity_model))[0] == 0
+    out = read_image(tmp_path / "out.png")
+    assert out.grey and out.pixels.dtype == dtype and out.has_alpha == alpha
+    assert np.array_equal(out.pixels, nearest(pixels, 4))
+
+
 def test_jpeg_output_and_its_limits(tmp_path, run, identity_model):
     pixels = np.full((8, 8, 3), 128, np.uint8)
     write_image(Image(pixels), tmp_path / "grey.png")

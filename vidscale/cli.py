@@ -284,7 +284,7 @@ def run_image(args: argparse.Namespace) -> int:
         # the colour they belong to.
         alpha = upscaler(np.repeat(picture.alpha[:, :, None], 3, axis=2))
         rgb = np.concatenate([rgb, alpha[:, :, :1]], axis=2)
-    write_image(Image(rgb), args.output)
+    write_image(Image(rgb, grey=picture.grey), args.output)
     if not args.quiet:
         h, w = picture.pixels.shape[:2]
         precision = upscaler.engine.precision_for(sample_type(rgb.dtype))

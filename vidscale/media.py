@@ -26,9 +26,13 @@ IMAGE_CODECS = {".png": "png", ".jpg": "mjpeg", ".jpeg": "mjpeg"}
 
 @dataclass(frozen=True)
 class Image:
-    """RGB(A) samples, HxWx3 or HxWx4, uint8 or uint16 (16-bit sources keep their depth)."""
+    """RGB(A) samples, HxWx3 or HxWx4, uint8 or uint16 (16-bit sources keep their depth).
+
+    `grey`: the source had no colour; the model still sees RGB, and a PNG is written back grey.
+    """
 
     pixels: np.ndarray
+    grey: bool = False
 
     @property
     def has_alpha(self) -> bool:
@@ -63,7 +67,8 @@ def read_image(path: Path) -> Image:
     pixels = frame.to_ndarray(format=target)
     if alpha and fmt.name == "pal8" and (pixels[:, :, 3] == 255).all():
         pixels = pixels[:, :, :3]  # a palette without transparency is plain RGB
-    return Image(np.ascontiguousarray(pixels))
+    grey = fmt.name != "pal8" and sum(not c.is_alpha for c in fmt.components) == 1
+    return Image(np.ascontiguousarray(pixels), grey=grey)
 
 
 def write_image(image: Image, path: Path) -> None:
@@ -82,11 +87,17 @@ def write_image(image: Image, path: Path) -> None:
             pixels = (pixels.astype(np.uint32) * 255 + 32767) // 65535
             pixels = pixels.astype(np.uint8)
         source_format, pix_fmt = "rgb24", "yuvj444p"
+    elif image.grey:
+        source_format = pix_fmt = ("ya16be" if deep else "ya8") if image.has_alpha else (
+            "gray16be" if deep else "gray")
     elif image.has_alpha:
         source_format, pix_fmt = ("rgba64le", "rgba64be") if deep else ("rgba", "rgba")
     else:
         source_format, pix_fmt = ("rgb48le", "rgb48be") if deep else ("rgb24", "rgb24")
-    frame = av.VideoFrame.from_ndarray(np.ascontiguousarray(pixels), format=source_format)
+    if codec == "png" and image.grey:
+        frame = _grey_frame(pixels, pix_fmt)
+    else:
+        frame = av.VideoFrame.from_ndarray(np.ascontiguousarray(pixels), format=source_format)
     with atomic_output(path) as tmp:
         with av.open(str(tmp), "w", format="image2", options={"update": "1"}) as container:
             stream = container.add_stream(codec)
@@ -97,6 +108,24 @@ def write_image(image: Image, path: Path) -> None:
                 container.mux(packet)
             for packet in stream.encode():
                 container.mux(packet)
+
+
+def _grey_frame(pixels: np.ndarray, pix_fmt: str) -> av.VideoFrame:
+    """A grey(+alpha) frame of `pix_fmt` from RGB(A) samples, with Rec.601 luma weights as
+    Real-ESRGAN uses when it turns its output back to grey."""
+    luma = pixels[:, :, :3] @ np.array([0.299, 0.587, 0.114])
+    samples = np.rint(luma)[:, :, None]
+    if pixels.shape[2] == 4:
+        samples = np.concatenate([samples, pixels[:, :, 3:]], axis=2)
+    height, width, channels = samples.shape
+    # PyAV cannot build ya8/ya16 frames from arrays, so the (big-endian, packed) samples are
+    # written into the frame's plane directly.
+    dtype = np.dtype(">u2") if pixels.dtype == np.uint16 else np.dtype(np.uint8)
+    frame = av.VideoFrame(width, height, pix_fmt)
+    plane = frame.planes[0]
+    rows = np.frombuffer(plane, dtype).reshape(height, plane.line_size // dtype.itemsize)
+    rows[:, : width * channels] = samples.reshape(height, width * channels)
+    return frame
 
 
 def check_readable(path: Path) -> None:
