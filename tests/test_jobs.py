@@ -80,7 +80,7 @@ def test_job_file_with_defaults_per_job_settings_and_a_failing_job(tmp_path, bat
     jobs = tmp_path / "season.toml"
     jobs.write_text(f'''
 output_dir = "out"
-template = "{{parent}}-{{stem}}.x2.mkv"
+template = "{{parent}}/{{stem}}.x2.mkv"
 
 [defaults]
 model = "{identity_x2}"
@@ -106,8 +106,10 @@ codec = "ffv1"
         (str(season / "ep1.mkv"), "done"), (str(season / "ep2.mkv"), "done"),
         (str(tmp_path / "broken.mkv"), "failed"), (str(season / "ep1.mkv"), "done")]
     assert "broken.mkv" in report["jobs"][2]["error"] and "\n" not in report["jobs"][2]["error"]
-    assert sorted(p.name for p in (tmp_path / "out").glob("*.mkv")) == [
-        "extra-ep1.mkv", "season-ep1.x2.mkv", "season-ep2.x2.mkv"]
+    assert sorted(p.name for p in (tmp_path / "out").glob("*.mkv")) == ["extra-ep1.mkv"]
+    # {parent} made a folder per season
+    assert sorted(p.name for p in (tmp_path / "out" / "season").iterdir()) == [
+        "ep1.x2.mkv", "ep1.x2.mkv.vidscale.json", "ep2.x2.mkv", "ep2.x2.mkv.vidscale.json"]
     assert "4 jobs: 3 done, 0 skipped, 1 failed" in err.splitlines()[-1]
 
 

@@ -312,6 +312,8 @@ class BatchInterrupted(KeyboardInterrupt):
 
 def _run_one(job: Job, overwrite: bool, progress, report: BatchReport, started: float) -> JobResult:
     try:
+        # A template may put outputs in folders of their own ({parent}/...).
+        job.output.parent.mkdir(parents=True, exist_ok=True)
         sidecar_path(job.output).unlink(missing_ok=True)  # it would vouch for the old output
         result = upscale_video(job.source, job.output, job.settings, job.encoder, strict=job.strict,
                                overwrite=overwrite, progress=progress)
@@ -322,6 +324,10 @@ def _run_one(job: Job, overwrite: bool, progress, report: BatchReport, started: 
         raise BatchInterrupted(report, exc) from exc
     except VidscaleError as exc:
         return JobResult(str(job.source), str(job.output), "failed", error=str(exc))
+    except OSError as exc:
+        return JobResult(str(job.source), str(job.output), "failed",
+                         error=f"cannot write {exc.filename or job.output} ({exc.strerror}); "
+                               f"check the output directory")
     except Exception as exc:  # noqa: BLE001 - one broken job must not stop a night's batch
         return JobResult(str(job.source), str(job.output), "failed", error=f"{type(exc).__name__}: {exc}")
     return JobResult(str(job.source), str(job.output), "done", frames=result.frames,
