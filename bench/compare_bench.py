@@ -1,0 +1,168 @@
+"""vidscale against the ways these models are usually run, on the same clip, in one run.
+
+For each model, in fresh processes one after another:
+  (a) bare    the compiled OpenVINO model kept busy with the clip's tiles (the limit)
+  (b) vidscale end to end (decode, infer, encode ffv1, mux with audio), reuse off and on
+  (c) torch   a PyTorch eager per-frame loop with the same weights, as Real-ESRGAN's video script
+              runs (decode, tensor, model, clamp/round, encode ffv1)
+  (d) ncnn    the `ncnn` package on the CPU with the original .param/.bin (the engine under
+              realesrgan-ncnn-vulkan and video2x), per frame, same decode/encode
+fps, ratios to vidscale (reuse off), peak RSS of each process, and vidscale's reuse rate.
+
+    python bench/compare_bench.py [--clip PATH] [--frames 24] [--models ...] [--precision bf16]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import av
+import numpy as np
+
+from pipeline_bench import DEFAULT_CLIP, cut
+
+MODELS = ["realesr-animevideov3", "RealESRGAN_x4plus_anime_6B"]
+
+
+def frames_of(clip: str):
+    with av.open(clip) as container:
+        for frame in container.decode(video=0):
+            yield frame.to_ndarray(format="rgb24")
+
+
+class _Ffv1:
+    """The encode side shared by the per-frame loops, so they pay what vidscale's ffv1 run pays."""
+
+    def __init__(self, path: Path, height: int, width: int):
+        self.container = av.open(str(path), "w")
+        self.stream = self.container.add_stream("ffv1", rate=24)
+        self.stream.width, self.stream.height, self.stream.pix_fmt = width, height, "yuv420p"
+
+    def write(self, rgb: np.ndarray) -> None:
+        frame = av.VideoFrame.from_ndarray(rgb, format="rgb24")
+        self.container.mux(self.stream.encode(frame))
+
+    def close(self) -> None:
+        self.container.mux(self.stream.encode())
+        self.container.close()
+
+
+def child(kind: str, model: str, clip: str, precision: str, cache: str) -> dict:
+    from vidscale.models import resolve
+
+    started = time.perf_counter()
+    frames = reused = 0
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "out.mkv"
+        if kind in ("vidscale", "vidscale+reuse"):
+            from vidscale.config import DEFAULT_DEDUP, UpscaleSettings
+            from vidscale.media import EncoderSettings
+            from vidscale.pipeline import upscale_video
+
+            settings = UpscaleSettings(model=model, precision=precision, cache_dir=Path(cache),
+                                       dedup=DEFAULT_DEDUP if kind == "vidscale+reuse" else None)
+            result = upscale_video(clip, out, settings, EncoderSettings(codec="ffv1"))
+            frames, reused, seconds = result.frames, result.reused_frames, result.seconds
+        elif kind == "bare":
+            from vidscale.config import UpscaleSettings
+            from vidscale.pipeline import FrameUpscaler
+
+            first = next(frames_of(clip))
+            total = sum(1 for _ in frames_of(clip))
+            upscaler = FrameUpscaler(UpscaleSettings(model=model, precision=precision, cache_dir=Path(cache)))
+            plan = upscaler.plan(*first.shape[:2])
+            compiled = upscaler.upscaler_for(plan, "u8")
+            batch = np.zeros(compiled.input_shape, np.uint8)
+            queue = compiled.queue(lambda *_: None)
+            started = time.perf_counter()
+            for _ in range(total * len(plan)):
+                queue.submit(batch, None)
+            queue.wait_all()
+            frames, seconds = total, time.perf_counter() - started
+        elif kind == "torch":
+            import torch
+
+            torch.set_num_threads(os.cpu_count() or 1)
+            module = resolve(model).module()
+            writer = None
+            with torch.no_grad():
+                for rgb in frames_of(clip):
+                    x = torch.from_numpy(rgb).permute(2, 0, 1)[None].float() / 255
+                    y = (module(x).clamp(0, 1) * 255).round().byte()[0].permute(1, 2, 0).numpy()
+                    writer = writer or _Ffv1(out, *y.shape[:2])
+                    writer.write(np.ascontiguousarray(y))
+                    frames += 1
+            writer.close()
+            seconds = time.perf_counter() - started
+        else:
+            import ncnn
+
+            from vidscale.models.catalog import ncnn_files
+
+            param, weights = ncnn_files(model)
+            net = ncnn.Net()
+            net.opt.num_threads = os.cpu_count() or 1
+            net.opt.use_vulkan_compute = False
+            net.load_param(str(param))
+            net.load_model(str(weights))
+            writer = None
+            for rgb in frames_of(clip):
+                extractor = net.create_extractor()
+                chw = np.ascontiguousarray(rgb.transpose(2, 0, 1), dtype=np.float32) / 255
+                extractor.input("data", ncnn.Mat(chw))
+                _, out_mat = extractor.extract("output")
+                y = (np.clip(np.array(out_mat), 0, 1) * 255 + 0.5).astype(np.uint8).transpose(1, 2, 0)
+                writer = writer or _Ffv1(out, *y.shape[:2])
+                writer.write(np.ascontiguousarray(y))
+                frames += 1
+            writer.close()
+            seconds = time.perf_counter() - started
+    return {"fps": frames / seconds, "frames": frames, "reused": reused,
+            "rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--clip", type=Path, default=DEFAULT_CLIP)
+    parser.add_argument("--frames", type=int, default=24, help="frames taken from the start of the clip")
+    parser.add_argument("--models", nargs="*", default=MODELS)
+    parser.add_argument("--precision", default="bf16")
+    parser.add_argument("--cache-dir", default=None)
+    parser.add_argument("--child", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        print(json.dumps(child(**json.loads(args.child))))
+        return
+
+    cache = args.cache_dir or tempfile.mkdtemp(prefix="vidscale-bench-")
+    kinds = ["bare", "vidscale", "vidscale+reuse", "torch", "ncnn"]
+    with tempfile.TemporaryDirectory() as tmp:
+        clip = str(cut(args.clip, args.frames, Path(tmp) / "clip.mkv"))
+        print(f"clip: first {args.frames} frames of {args.clip.name}; OpenVINO precision {args.precision}; "
+              f"{os.cpu_count()} cores")
+        print(f"{'model':27} " + " ".join(f"{k + ' fps':>19}" for k in kinds) + "   RSS MB per run, reuse")
+        for model in args.models:
+            results = {}
+            for kind in kinds:
+                job = {"kind": kind, "model": model, "clip": clip, "precision": args.precision, "cache": cache}
+                done = subprocess.run([sys.executable, __file__, "--child", json.dumps(job)],
+                                      capture_output=True, text=True, check=True)
+                results[kind] = json.loads(done.stdout.strip().splitlines()[-1])
+            base = results["vidscale"]["fps"]
+            cells = " ".join(f"{results[k]['fps']:8.3f} ({results[k]['fps'] / base:5.2f}x)" for k in kinds)
+            rss = "/".join(f"{results[k]['rss_mb']:.0f}" for k in kinds)
+            reuse = results["vidscale+reuse"]
+            print(f"{model:27} {cells}   {rss}, reused {reuse['reused']}/{reuse['frames']}", flush=True)
+        print("ratios are to vidscale end to end with reuse off")
+
+
+if __name__ == "__main__":
+    main()
