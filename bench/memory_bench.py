@@ -1,0 +1,82 @@
+"""Peak RSS of `vidscale upscale` does not grow with the length of the video.
+
+A synthetic clip (moving pattern, 160x120, with audio) of 100 and of 2,000 frames, each upscaled x2
+with realesr-animevideov3 in a fresh process (reuse off, so every frame goes through the model);
+prints both peaks and their ratio.
+
+    python bench/memory_bench.py [--frames 100 2000]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import subprocess
+import sys
+import tempfile
+from fractions import Fraction
+from pathlib import Path
+
+import av
+import numpy as np
+
+
+def synthetic_clip(path: Path, frames: int) -> Path:
+    y, x = np.mgrid[0:120, 0:160]
+    with av.open(str(path), "w") as out:
+        video = out.add_stream("libx264", rate=24, options={"preset": "ultrafast"})
+        video.width, video.height, video.pix_fmt = 160, 120, "yuv420p"
+        audio = out.add_stream("aac", rate=48000)
+        for index in range(frames):
+            picture = np.stack([(x + 3 * index) % 256, (y + 2 * index) % 256, (x + y) % 256], axis=2)
+            frame = av.VideoFrame.from_ndarray(picture.astype(np.uint8), format="rgb24")
+            frame.pts, frame.time_base = index, Fraction(1, 24)
+            out.mux(video.encode(frame))
+        out.mux(video.encode())
+        tone = (0.1 * np.sin(np.arange(48000 * frames // 24) / 20)).astype(np.float32)
+        for start in range(0, len(tone), 1024):
+            chunk = av.AudioFrame.from_ndarray(tone[None, start:start + 1024], format="fltp", layout="mono")
+            chunk.sample_rate, chunk.pts = 48000, start
+            out.mux(audio.encode(chunk))
+        out.mux(audio.encode())
+    return path
+
+
+def child(clip: str, cache: str) -> dict:
+    from vidscale.config import UpscaleSettings
+    from vidscale.media import EncoderSettings
+    from vidscale.pipeline import upscale_video
+
+    settings = UpscaleSettings(model="realesr-animevideov3", scale=2, cache_dir=Path(cache), dedup=None)
+    with tempfile.TemporaryDirectory() as tmp:
+        result = upscale_video(clip, Path(tmp) / "out.mkv", settings,
+                               EncoderSettings(codec="libx264", preset="ultrafast"))
+    return {"frames": result.frames, "fps": result.fps,
+            "rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--frames", type=int, nargs="*", default=[100, 2000])
+    parser.add_argument("--cache-dir", default=None)
+    parser.add_argument("--child", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        print(json.dumps(child(**json.loads(args.child))))
+        return
+    cache = args.cache_dir or tempfile.mkdtemp(prefix="vidscale-bench-")
+    peaks = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for frames in args.frames:
+            clip = synthetic_clip(Path(tmp) / f"clip{frames}.mkv", frames)
+            done = subprocess.run([sys.executable, __file__, "--child", json.dumps({"clip": str(clip), "cache": cache})],
+                                  capture_output=True, text=True, check=True)
+            run = json.loads(done.stdout.strip().splitlines()[-1])
+            peaks.append(run["rss_mb"])
+            print(f"{run['frames']:6d} frames  {run['fps']:7.2f} fps  peak RSS {run['rss_mb']:7.1f} MB", flush=True)
+    print(f"peak RSS ratio, longest / shortest: {peaks[-1] / peaks[0]:.3f}")
+
+
+if __name__ == "__main__":
+    main()
