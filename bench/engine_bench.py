@@ -6,6 +6,7 @@ own inference script does (module(x) under no_grad, one tile at a time). Both me
 on this machine, so the ratio is fair whatever the machine.
 
     python bench/engine_bench.py [--seconds 10] [--models ...] [--shapes 128x128 ...]
+        [--precisions f32 bf16 int8] [--calibration FILE]
 """
 
 from __future__ import annotations
@@ -22,6 +23,9 @@ import torch
 
 from vidscale.engine import Engine, EngineSettings
 from vidscale.models import resolve
+from vidscale.pipeline import calibration_frames
+
+DEMO = Path(__file__).resolve().parents[2] / "shared" / "media" / "realesrgan_onepiece_demo.mp4"
 
 DEFAULT_CASES = {
     "RealESRGAN_x4plus_anime_6B": ["128x128", "256x256"],
@@ -68,6 +72,8 @@ def main() -> None:
     parser.add_argument("--shapes", nargs="*", help="HxW tile shapes (default: per model)")
     parser.add_argument("--precisions", nargs="*", default=["f32", "bf16"])
     parser.add_argument("--cache-dir", type=Path, help="IR cache (default: a fresh temporary one)")
+    parser.add_argument("--calibration", type=Path,
+                        help="int8: video or picture to calibrate on (default: the One Piece demo)")
     args = parser.parse_args()
 
     cache_dir = args.cache_dir or Path(tempfile.mkdtemp(prefix="vidscale-bench-"))
@@ -85,7 +91,8 @@ def main() -> None:
             shape = tuple(int(v) for v in text.split("x"))
             eager = torch_fps(module, shape, args.seconds)
             for precision in args.precisions:
-                engine = Engine(model, EngineSettings(precision=precision, cache_dir=cache_dir))
+                frames = calibration_frames(args.calibration or DEMO) if precision == "int8" else None
+                engine = Engine(model, EngineSettings(precision=precision, cache_dir=cache_dir), frames)
                 fps, requests = openvino_fps(engine, shape, args.seconds)
                 out_mpx = fps * shape[0] * shape[1] * model.spec.scale**2 / 1e6
                 print(f"{name:28} {text:>9} {precision:>9} {requests:>3} {fps:12.3f} {eager:9.3f} "

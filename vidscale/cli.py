@@ -68,8 +68,11 @@ def _engine_options(parser: argparse.ArgumentParser, default_model: str) -> None
                         help="tile size in input pixels, N or HxW; 0 = automatic (default)")
     parser.add_argument("--overlap", type=int, default=DEFAULT_OVERLAP,
                         help=f"input pixels shared by neighbouring tiles (default: {DEFAULT_OVERLAP})")
-    parser.add_argument("--precision", default="auto", choices=("auto", "f32", "bf16", "f16"),
-                        help="inference precision (auto: bf16 where the device supports it)")
+    parser.add_argument("--precision", default="auto", choices=("auto", "f32", "bf16", "f16", "int8"),
+                        help="inference precision (auto: bf16 where the device supports it; int8 needs "
+                             "pip install 'vidscale[int8]')")
+    parser.add_argument("--calibration", type=Path, metavar="FILE",
+                        help="int8: video or picture to calibrate on (default: the input itself)")
     parser.add_argument("--device", default="CPU", help="OpenVINO device: CPU, GPU, NPU, AUTO... (default: CPU)")
 
 
@@ -148,7 +151,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def settings_from(args: argparse.Namespace) -> UpscaleSettings:
     return UpscaleSettings(model=args.model, scale=args.scale, tile=args.tile, overlap=args.overlap,
-                           precision=args.precision, device=args.device, cache_dir=args.cache_dir)
+                           precision=args.precision, device=args.device, cache_dir=args.cache_dir,
+                           calibration=args.calibration)
 
 
 def run_models(args: argparse.Namespace) -> int:
@@ -277,7 +281,7 @@ def run_image(args: argparse.Namespace) -> int:
     check_output(args.output, [args.input], args.overwrite)
     picture = read_image(args.input)
     started = time.monotonic()
-    upscaler = FrameUpscaler(settings_from(args))
+    upscaler = FrameUpscaler(settings_from(args), calibration=None if args.calibration else [picture.rgb])
     rgb = upscaler(picture.rgb.copy())
     if picture.has_alpha:
         # Like Real-ESRGAN, alpha goes through the model too (as grey), so edges stay as sharp as

@@ -31,6 +31,9 @@ class UpscaleSettings:
     device: str = "CPU"
     cache_dir: Path | None = None
     memory_budget: int = DEFAULT_MEMORY_BUDGET
+    calibration: Path | None = None
+    """precision="int8": a video or picture to calibrate the quantization on; None uses the input
+    being upscaled where it is a file (a pipe cannot be read twice), else a bundled synthetic set."""
     dedup: float | None = DEFAULT_DEDUP
     """Video only: reuse the last upscaled frame for source frames that match it (see
     pipeline.frames_match); None turns it off, 0 reuses identical frames only."""

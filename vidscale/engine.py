@@ -11,7 +11,7 @@ import hashlib
 import os
 import threading
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -23,7 +23,7 @@ from openvino.preprocess import PrePostProcessor
 
 from .errors import EngineError, UsageError
 
-PRECISIONS = ("auto", "f32", "bf16", "f16")
+PRECISIONS = ("auto", "f32", "bf16", "f16", "int8")
 # Element type of the frames on both sides of the graph. "f32" is the raw model: float NHWC in [0, 1]
 # in, unclamped float out; it exists so tests can compare against torch without quantisation.
 SAMPLE_TYPES = {"u8": (ov.Type.u8, np.uint8, 255.0), "u16": (ov.Type.u16, np.uint16, 65535.0),
@@ -31,6 +31,7 @@ SAMPLE_TYPES = {"u8": (ov.Type.u8, np.uint8, 255.0), "u16": (ov.Type.u16, np.uin
 # Bumped whenever the saved IR would differ for the same weights (conversion recipe changes).
 _IR_FORMAT = 1
 _COMPILED_CACHE_SIZE = 4
+_INT8_FLOAT_PRECISION = "f32"
 
 
 def default_cache_dir() -> Path:
@@ -90,7 +91,7 @@ def resolve_precision(device: str, precision: str) -> str:
     capabilities = _capabilities(device)
     if precision == "auto":
         return "bf16" if "BF16" in capabilities else "f32"
-    needed = {"bf16": "BF16", "f16": "FP16"}.get(precision)
+    needed = {"bf16": "BF16", "f16": "FP16", "int8": "INT8"}.get(precision)
     if needed and capabilities and needed not in capabilities:
         raise EngineError(
             f"precision {precision} is not supported by OpenVINO device {device} "
@@ -112,15 +113,26 @@ def ir_path(model, cache_dir: Path) -> Path:
 
 
 class Engine:
-    """One model on one device at one precision; hands out compiled models by shape."""
+    """One model on one device at one precision; hands out compiled models by shape.
 
-    def __init__(self, model, settings: EngineSettings = EngineSettings()):
+    For precision "int8" the float IR is quantized with NNCF (see quantize.py) on `calibration`,
+    a list of (H, W, 3) uint8 RGB frames (None: a bundled synthetic set), before this returns; a
+    model failing the INT8 quality gate raises EngineError here, before any frame is read.
+    """
+
+    def __init__(self, model, settings: EngineSettings = EngineSettings(),
+                 calibration: Sequence[np.ndarray] | None = None):
         check_device(settings.device)
         self.model = model
         self.settings = settings
         self.precision = resolve_precision(settings.device, settings.precision)
         self._lock = threading.Lock()
         self._compiled: OrderedDict[tuple, Upscaler] = OrderedDict()
+        self._int8_ir: ov.Model | None = None
+        if self.precision == "int8":
+            from .quantize import int8_model  # NNCF is an optional extra, loaded only for INT8
+
+            self._int8_ir = int8_model(self, calibration)
 
     @property
     def native_scale(self) -> int:
@@ -130,7 +142,8 @@ class Engine:
     def size_multiple(self) -> int:
         return self.model.spec.size_multiple
 
-    def _read_ir(self) -> ov.Model:
+    def float_ir(self) -> ov.Model:
+        """A fresh copy of the model's float IR, converted and cached on first use."""
         xml = ir_path(self.model, self.settings.resolved_cache_dir)
         if not xml.is_file():
             self._convert(xml)
@@ -189,27 +202,31 @@ class Engine:
             if found is not None:
                 self._compiled.move_to_end(key)
                 return found
-            upscaler = Upscaler(self._compile(h, w, batch, outscale, sample, precision), self.model.name,
-                                outscale, sample, self.settings.requests)
+            ir = self._int8_ir.clone() if self._int8_ir is not None else self.float_ir()
+            upscaler = self.wrap(ir, h, w, batch=batch, outscale=outscale, sample=sample, precision=precision)
             self._compiled[key] = upscaler
             if len(self._compiled) > _COMPILED_CACHE_SIZE:
                 self._compiled.popitem(last=False)
             return upscaler
 
-    def _compile(self, h: int, w: int, batch: int, outscale: int, sample: str,
-                 precision: str) -> ov.CompiledModel:
-        graph = _static_graph(self._read_ir(), batch, h, w, self.native_scale, outscale, sample)
+    def wrap(self, ir: ov.Model, h: int, w: int, *, batch: int, outscale: int, sample: str,
+             precision: str) -> Upscaler:
+        """Compile `ir` (consumed: it is reshaped in place) for exactly this shape."""
+        graph = _static_graph(ir, batch, h, w, self.native_scale, outscale, sample)
         config = {
             "PERFORMANCE_HINT": "THROUGHPUT",
             "CACHE_DIR": str(self.settings.resolved_cache_dir / "openvino"),
         }
         if not self.settings.device.partition(":")[0].upper() in ("AUTO", "MULTI", "HETERO", "BATCH"):
-            config["INFERENCE_PRECISION_HINT"] = precision
+            # An INT8 graph carries its precision in its FakeQuantize nodes; the hint only sets
+            # what the layers left in float (first and last convolution) run at.
+            config["INFERENCE_PRECISION_HINT"] = _INT8_FLOAT_PRECISION if precision == "int8" else precision
         try:
-            return core().compile_model(graph, self.settings.device, config)
+            compiled = core().compile_model(graph, self.settings.device, config)
         except RuntimeError as exc:
             raise EngineError(f"OpenVINO could not compile {self.model.name} for {h}x{w} on "
                               f"{self.settings.device} ({_first_line(exc)})") from exc
+        return Upscaler(compiled, self.model.name, outscale, sample, self.settings.requests)
 
 
 def _static_graph(model: ov.Model, n: int, h: int, w: int, native: int, outscale: int,

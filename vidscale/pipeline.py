@@ -15,7 +15,7 @@ from .config import UpscaleSettings
 from .engine import Engine, EngineSettings, InferQueue, Upscaler
 from .errors import MediaError, UsageError
 from .media import (EncoderSettings, VideoFrame, VideoReader, VideoWriter, check_output, is_deep,
-                    output_pix_fmt)
+                    output_pix_fmt, read_image)
 from .models import LoadedModel, resolve
 from .tiling import TilePlan, choose_tile, plan_tiles, split, stitch
 
@@ -30,21 +30,50 @@ def sample_type(dtype: np.dtype) -> str:
     return sample
 
 
+# Frames decoded from a video to calibrate INT8 on, spread over the clip.
+CALIBRATION_FRAMES = 8
+_IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg"}
+
+
+def calibration_frames(path: str | os.PathLike, count: int = CALIBRATION_FRAMES) -> list[np.ndarray]:
+    """RGB frames of a picture, or `count` frames spread evenly over a video, for INT8 calibration.
+
+    The video is decoded up to its last pick (no seeking: seeking lands on keyframes, which are not
+    a fair sample, and not every input can seek).
+    """
+    if Path(path).suffix.lower() in _IMAGE_SUFFIXES:
+        return [read_image(Path(path)).rgb]
+    with VideoReader(path) as reader:
+        step = max(1, (reader.expected_frames or count) // count)
+        picked = []
+        for event in reader.events():
+            if isinstance(event, VideoFrame) and event.index % step == 0:
+                picked.append(event.rgb)
+                if len(picked) == count:
+                    break
+    return picked
+
+
 class FrameUpscaler:
     """Upscales RGB frames held in numpy arrays: (H, W, 3) uint8 or uint16 in, (H*s, W*s, 3) out.
 
     Frames of any size may be mixed; each size gets its own tile plan and its own compiled model,
-    so every request OpenVINO sees has exactly the shape it was compiled for.
+    so every request OpenVINO sees has exactly the shape it was compiled for. With precision
+    "int8", `calibration` (RGB frames) or else `settings.calibration` (a file) is what the model is
+    quantized on; with neither, a bundled synthetic set.
     """
 
-    def __init__(self, settings: UpscaleSettings = UpscaleSettings(), model: LoadedModel | None = None):
+    def __init__(self, settings: UpscaleSettings = UpscaleSettings(), model: LoadedModel | None = None,
+                 calibration: list[np.ndarray] | None = None):
         self.model = model if model is not None else resolve(settings.model)
         native = self.model.spec.scale
         if settings.scale is None:
             settings = replace(settings, scale=native)
         self.settings = settings
+        if settings.precision == "int8" and calibration is None and settings.calibration is not None:
+            calibration = calibration_frames(settings.calibration)
         self.engine = Engine(self.model, EngineSettings(device=settings.device, precision=settings.precision,
-                                                        cache_dir=settings.cache_dir))
+                                                        cache_dir=settings.cache_dir), calibration)
         self.engine.check_outscale(settings.scale)  # before any frame arrives
         self._plans: dict[tuple[int, int], TilePlan] = {}
         self._queues: dict[Upscaler, InferQueue] = {}
@@ -249,7 +278,12 @@ def upscale_video(source, destination, settings: UpscaleSettings = UpscaleSettin
     if destination != "-":
         named_source = isinstance(source, (str, os.PathLike)) and source != "-"
         check_output(Path(destination), [Path(source)] if named_source else [], overwrite)
-    frame_upscaler = FrameUpscaler(settings)  # model and device problems surface before any I/O
+    calibration = None
+    named_input = isinstance(source, (str, os.PathLike)) and source != "-"
+    if settings.precision == "int8" and settings.calibration is None and named_input:
+        calibration = calibration_frames(source)  # a pipe cannot be read twice: bundled set then
+    # Model, device and INT8 gate problems surface before any output is opened.
+    frame_upscaler = FrameUpscaler(settings, calibration=calibration)
     with VideoReader(source, strict=strict) as reader:
         info = reader.info
         pix_fmt = output_pix_fmt(encoder.codec, encoder, info)
