@@ -281,7 +281,8 @@ def run_image(args: argparse.Namespace) -> int:
     check_output(args.output, [args.input], args.overwrite)
     picture = read_image(args.input)
     started = time.monotonic()
-    upscaler = FrameUpscaler(settings_from(args), calibration=None if args.calibration else [picture.rgb])
+    upscaler = FrameUpscaler(settings_from(args), calibration=None if args.calibration else [picture.rgb],
+                             evaluation=[picture.rgb])
     rgb = upscaler(picture.rgb.copy())
     if picture.has_alpha:
         # Like Real-ESRGAN, alpha goes through the model too (as grey), so edges stay as sharp as

@@ -117,11 +117,13 @@ class Engine:
 
     For precision "int8" the float IR is quantized with NNCF (see quantize.py) on `calibration`,
     a list of (H, W, 3) uint8 RGB frames (None: a bundled synthetic set), before this returns; a
-    model failing the INT8 quality gate raises EngineError here, before any frame is read.
+    model failing the INT8 quality gate on `evaluation` (the frames to be upscaled; None: the
+    calibration) raises EngineError here, before any frame is read.
     """
 
     def __init__(self, model, settings: EngineSettings = EngineSettings(),
-                 calibration: Sequence[np.ndarray] | None = None):
+                 calibration: Sequence[np.ndarray] | None = None,
+                 evaluation: Sequence[np.ndarray] | None = None):
         check_device(settings.device)
         self.model = model
         self.settings = settings
@@ -132,7 +134,7 @@ class Engine:
         if self.precision == "int8":
             from .quantize import int8_model  # NNCF is an optional extra, loaded only for INT8
 
-            self._int8_ir = int8_model(self, calibration)
+            self._int8_ir = int8_model(self, calibration, evaluation)
 
     @property
     def native_scale(self) -> int:

@@ -60,11 +60,12 @@ class FrameUpscaler:
     Frames of any size may be mixed; each size gets its own tile plan and its own compiled model,
     so every request OpenVINO sees has exactly the shape it was compiled for. With precision
     "int8", `calibration` (RGB frames) or else `settings.calibration` (a file) is what the model is
-    quantized on; with neither, a bundled synthetic set.
+    quantized on; with neither, a bundled synthetic set. The quality gate is measured on
+    `evaluation` (frames like those to be upscaled) when given, else on the calibration.
     """
 
     def __init__(self, settings: UpscaleSettings = UpscaleSettings(), model: LoadedModel | None = None,
-                 calibration: list[np.ndarray] | None = None):
+                 calibration: list[np.ndarray] | None = None, evaluation: list[np.ndarray] | None = None):
         self.model = model if model is not None else resolve(settings.model)
         native = self.model.spec.scale
         if settings.scale is None:
@@ -73,7 +74,7 @@ class FrameUpscaler:
         if settings.precision == "int8" and calibration is None and settings.calibration is not None:
             calibration = calibration_frames(settings.calibration)
         self.engine = Engine(self.model, EngineSettings(device=settings.device, precision=settings.precision,
-                                                        cache_dir=settings.cache_dir), calibration)
+                                                        cache_dir=settings.cache_dir), calibration, evaluation)
         self.engine.check_outscale(settings.scale)  # before any frame arrives
         self._plans: dict[tuple[int, int], TilePlan] = {}
         self._queues: dict[Upscaler, InferQueue] = {}
@@ -278,12 +279,15 @@ def upscale_video(source, destination, settings: UpscaleSettings = UpscaleSettin
     if destination != "-":
         named_source = isinstance(source, (str, os.PathLike)) and source != "-"
         check_output(Path(destination), [Path(source)] if named_source else [], overwrite)
-    calibration = None
+    calibration = evaluation = None
     named_input = isinstance(source, (str, os.PathLike)) and source != "-"
-    if settings.precision == "int8" and settings.calibration is None and named_input:
-        calibration = calibration_frames(source)  # a pipe cannot be read twice: bundled set then
+    if settings.precision == "int8" and named_input:
+        # The gate judges INT8 on the input itself, whatever it was calibrated on. A pipe cannot be
+        # read twice: it gets the --calibration file or the bundled set, judged on itself.
+        evaluation = calibration_frames(source)
+        calibration = evaluation if settings.calibration is None else None
     # Model, device and INT8 gate problems surface before any output is opened.
-    frame_upscaler = FrameUpscaler(settings, calibration=calibration)
+    frame_upscaler = FrameUpscaler(settings, calibration=calibration, evaluation=evaluation)
     with VideoReader(source, strict=strict) as reader:
         info = reader.info
         pix_fmt = output_pix_fmt(encoder.codec, encoder, info)

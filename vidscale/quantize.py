@@ -3,8 +3,8 @@
 NNCF is an optional extra (`pip install 'vidscale[int8]'`), imported only here and only when INT8 is
 asked for. The quantized IR is cached beside the float one, keyed by the weights, the calibration
 crops and the NNCF version, together with the PSNR the gate measured, so a second run neither
-quantizes nor measures again. A model whose output falls below INT8_MIN_PSNR against f32 on its own
-calibration crops is refused, never run.
+quantizes nor measures again. A model whose output falls below INT8_MIN_PSNR against f32 on crops of
+the frames it is about to upscale (or, without those, of its calibration) is refused, never run.
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ import openvino as ov
 from .engine import Engine, core
 from .errors import EngineError, UsageError
 
-# PSNR (dB) of the INT8 model's u8 output against f32's on the calibration crops, all crops pooled
+# PSNR (dB) of the INT8 model's u8 output against f32's on the gate's crops, all crops pooled
 # into one mean squared error. 40 dB is an RMS error of 2.5 levels in 255: invisible on anime.
 INT8_MIN_PSNR = 40.0
 # Calibration works on crops of one static shape: NNCF's statistics and the gate's compiled models
@@ -97,9 +97,12 @@ def calibration_crops(frames: Sequence[np.ndarray], multiple: int, side: int = C
     return crops
 
 
+def _digest(crops: np.ndarray) -> str:
+    return hashlib.sha256(repr(crops.shape).encode() + crops.tobytes()).hexdigest()
+
+
 def int8_path(model, crops: np.ndarray, cache_dir: Path, nncf_version: str) -> Path:
-    calibration = hashlib.sha256(repr(crops.shape).encode() + crops.tobytes()).hexdigest()
-    key = f"{model.digest}:{calibration}:{nncf_version}:{_INT8_FORMAT}"
+    key = f"{model.digest}:{_digest(crops)}:{nncf_version}:{_INT8_FORMAT}"
     return cache_dir / "int8" / f"{model.name}-{hashlib.sha256(key.encode()).hexdigest()[:16]}.xml"
 
 
@@ -135,7 +138,7 @@ def psnr(reference: np.ndarray, test: np.ndarray) -> float:
 
 
 def gate_psnr(engine: Engine, quantized: ov.Model, crops: np.ndarray) -> float:
-    """PSNR of the INT8 model's u8 output against f32's on the calibration crops."""
+    """PSNR of the INT8 model's u8 output against f32's on `crops`."""
     side = crops.shape[1]
     reference = Engine(engine.model, replace(engine.settings, precision="f32")).upscaler((side, side))
     candidate = engine.wrap(quantized.clone(), side, side, batch=1, outscale=engine.native_scale, sample="u8",
@@ -145,30 +148,50 @@ def gate_psnr(engine: Engine, quantized: ov.Model, crops: np.ndarray) -> float:
     return psnr(expected, got)
 
 
-def int8_model(engine: Engine, frames: Sequence[np.ndarray] | None) -> ov.Model:
+def int8_model(engine: Engine, frames: Sequence[np.ndarray] | None,
+               evaluation: Sequence[np.ndarray] | None = None) -> ov.Model:
     """The quantized IR of engine.model calibrated on `frames` (None: the bundled set), from the
-    cache or made now; raises EngineError when it fails the quality gate."""
+    cache or made now; raises EngineError when it fails the quality gate.
+
+    The gate is measured on crops of `evaluation`, the frames that will be upscaled, when given:
+    a calibration that does not represent them (another file, a dark scene) then fails here,
+    where measured on its own frames it would always look fine. Without them, on the calibration.
+    """
     nncf = _nncf()
     crops = calibration_crops(frames if frames else synthetic_frames(), engine.size_multiple)
+    checks = calibration_crops(evaluation, engine.size_multiple) if evaluation else crops
     xml = int8_path(engine.model, crops, engine.settings.resolved_cache_dir, nncf.__version__)
-    record = xml.with_suffix(".json")
+    record_path = xml.with_suffix(".json")
     if xml.is_file():
         try:
             quantized = core().read_model(xml)
-            measured = json.loads(record.read_text())["psnr"]
+            record = json.loads(record_path.read_text())
+            measured = record["psnr"]
         except (RuntimeError, OSError, ValueError, KeyError) as exc:
             raise EngineError(f"cached INT8 model {xml} is unreadable ({exc}); "
                               f"delete it and run again to rebuild it") from exc
     else:
         quantized = quantize(nncf, engine.float_ir(), crops)
-        measured = gate_psnr(engine, quantized, crops)
-        # Kept even when the gate fails, so the next run refuses at once instead of quantizing again.
-        _save(quantized, xml, {"psnr": measured, "crops": len(crops), "side": crops.shape[1],
-                               "nncf": nncf.__version__})
-    if not measured >= INT8_MIN_PSNR:
-        raise EngineError(f"INT8 quality gate failed: {measured:.1f} dB < {INT8_MIN_PSNR:g} dB against "
-                          f"f32 on {len(crops)} calibration crops; use --precision bf16")
+        record = {"psnr": {}, "crops": len(crops), "side": crops.shape[1], "nncf": nncf.__version__}
+        measured = record["psnr"]
+        _save(quantized, xml, record)
+    # PSNR per set of gate crops, kept even when the gate fails, so the next run on the same frames
+    # refuses at once instead of measuring again.
+    key = _digest(checks)
+    if key not in measured:
+        measured[key] = gate_psnr(engine, quantized, checks)
+        _write_record(record_path, record)
+    if not measured[key] >= INT8_MIN_PSNR:
+        what = "frames to upscale" if evaluation else "calibration frames"
+        raise EngineError(f"INT8 quality gate failed: {measured[key]:.1f} dB < {INT8_MIN_PSNR:g} dB against "
+                          f"f32 on {len(checks)} crops of the {what}; use --precision bf16")
     return quantized
+
+
+def _write_record(path: Path, record: dict) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}")
+    tmp.write_text(json.dumps(record))
+    os.replace(tmp, path)
 
 
 def _save(model: ov.Model, xml: Path, record: dict) -> None:
@@ -176,8 +199,7 @@ def _save(model: ov.Model, xml: Path, record: dict) -> None:
     # means a complete set even after a crash or a concurrent run.
     xml.parent.mkdir(parents=True, exist_ok=True)
     tmp = xml.with_name(f".{xml.stem}.{os.getpid()}.{threading.get_ident()}.xml")
-    tmp.with_suffix(".json").write_text(json.dumps(record))
-    os.replace(tmp.with_suffix(".json"), xml.with_suffix(".json"))
+    _write_record(xml.with_suffix(".json"), record)
     ov.save_model(model, tmp, compress_to_fp16=False)
     os.replace(tmp.with_suffix(".bin"), xml.with_suffix(".bin"))
     os.replace(tmp, xml)
