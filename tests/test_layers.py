@@ -24,6 +24,7 @@ def imports_of(module: str) -> set[str]:
     ("media", {"openvino", "torch", "vidscale.engine", "vidscale.pipeline"}),
     ("engine", {"av", "vidscale.media", "vidscale.pipeline", "vidscale.cli"}),
     ("tiling", {"vidscale.", "openvino", "av", "torch"}),
+    ("segments", {"openvino", "torch", "vidscale.engine", "vidscale.pipeline", "vidscale.jobs", "vidscale.cli"}),
     ("pipeline", {"vidscale.cli", "vidscale.jobs"}),
     ("jobs", {"vidscale.cli"}),
 ])

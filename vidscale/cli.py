@@ -15,6 +15,7 @@ import numpy as np
 from .config import DEFAULT_DEDUP, DEFAULT_IMAGE_MODEL, DEFAULT_VIDEO_MODEL, UpscaleSettings
 from .errors import EXIT_SOME_FAILED, OutputClosedError, UsageError, VidscaleError
 from .progress import MODES, Both, EventLog, make_progress
+from .segments import DEFAULT_SEGMENT_SECONDS
 from .tiling import DEFAULT_OVERLAP, parse_tile
 
 # 128 + the signal number, what a shell reports for a process the signal killed.
@@ -51,6 +52,16 @@ def _dedup(text: str) -> float | None:
     if not 0 <= threshold < 255:
         raise argparse.ArgumentTypeError(f"--dedup threshold {text} must be from 0 to 255")
     return threshold
+
+
+def _seconds(text: str) -> float:
+    try:
+        seconds = float(text)
+    except ValueError:
+        seconds = 0.0
+    if not seconds > 0:
+        raise argparse.ArgumentTypeError(f"--segment-seconds {text!r} is not a positive number")
+    return seconds
 
 
 def _key_value(text: str) -> tuple[str, str]:
@@ -94,6 +105,9 @@ def _video_options(parser: argparse.ArgumentParser) -> None:
                         help="bar (tqdm), json (JSON lines), none; auto = bar on a terminal")
     parser.add_argument("--log-file", type=Path,
                         help="append JSON lines here: start, end, warnings, errors, progress every 30 s")
+    parser.add_argument("--segment-seconds", type=_seconds, default=DEFAULT_SEGMENT_SECONDS, metavar="S",
+                        help="resumable runs work in segments of about S seconds, cut at keyframes "
+                             f"(default {DEFAULT_SEGMENT_SECONDS:g})")
 
 
 # Batch options that are settings of each job, by argparse dest (-x is `encoder_option`).
@@ -118,6 +132,10 @@ def build_parser() -> argparse.ArgumentParser:
     video.add_argument("-i", "--input", dest="input_option", metavar="INPUT", help="same as the positional INPUT")
     video.add_argument("-o", "--output", required=True, help="file to write, or - for stdout")
     video.add_argument("--overwrite", action="store_true", help="replace OUTPUT if it exists")
+    video.add_argument("--resume", action="store_true",
+                       help="work in segments kept in OUTPUT.vidscale-work/, so that running the same "
+                            "command again after a crash or kill goes on from the last complete one "
+                            "(files only, not pipes)")
     _engine_options(video, DEFAULT_VIDEO_MODEL)
     _video_options(video)
 
@@ -180,13 +198,15 @@ def _notes(result) -> list[str]:
         notes.append(f"{result.reused_frames} unchanged frames reused")
     if result.retimed_frames:
         notes.append(f"{result.retimed_frames} repeated timestamps moved one tick")
+    if result.resumed_frames:
+        notes.append(f"{result.resumed_frames} frames resumed from an earlier run")
     return notes
 
 
 def _log_warnings(log: EventLog | None, result, **where) -> None:
-    # Reused frames are an optimisation, not something that went wrong with the input.
+    # Reused and resumed frames are not something that went wrong with the input.
     for note in _notes(result):
-        if log is not None and "reused" not in note:
+        if log is not None and "reused" not in note and "resumed" not in note:
             log.write("warning", message=note, **where)
 
 
@@ -196,7 +216,7 @@ def _progress(args: argparse.Namespace, log: EventLog | None, **where):
 
 
 def run_upscale(args: argparse.Namespace, log: EventLog | None) -> int:
-    from .media import EncoderSettings
+    from .media import EncoderSettings, check_readable
     from .pipeline import upscale_video
 
     if (args.input is None) == (args.input_option is None):
@@ -208,13 +228,24 @@ def run_upscale(args: argparse.Namespace, log: EventLog | None) -> int:
     if log is not None:
         log.write("start", **where)
     settings = replace(settings_from(args), dedup=args.dedup)
+    resume = None
+    if args.resume:
+        from .jobs import Job, resume_for
+
+        if source == "-" or args.output == "-":
+            raise UsageError("--resume needs a file input and a file output: a pipe cannot be read "
+                             "again after a stop")
+        check_readable(Path(source))
+        resume = resume_for(Job(Path(source), Path(args.output), settings, encoder, args.strict),
+                            args.segment_seconds)
     result = upscale_video(source, args.output, settings, encoder, strict=args.strict,
-                           overwrite=args.overwrite, progress=_progress(args, log, **where))
+                           overwrite=args.overwrite, progress=_progress(args, log, **where), resume=resume)
     _log_warnings(log, result, **where)
     if log is not None:
         log.write("end", **where, status="done", frames=result.frames, seconds=round(result.seconds, 3),
                   fps=round(result.fps, 3), corrupt_packets=result.corrupt_packets,
-                  retimed_frames=result.retimed_frames, reused_frames=result.reused_frames)
+                  retimed_frames=result.retimed_frames, reused_frames=result.reused_frames,
+                  resumed_frames=result.resumed_frames)
     if not args.quiet:
         print(f"{args.output}: {result.frames} frames in {result.seconds:.1f} s ({result.fps:.2f} fps)"
               + "".join(f"; {note}" for note in _notes(result)), file=sys.stderr)
@@ -255,7 +286,8 @@ def run_batch(args: argparse.Namespace, log: EventLog | None) -> int:
         print(f"{result.input}: {text}", file=sys.stderr)
 
     try:
-        report = run_jobs(jobs, overwrite=args.overwrite, on_start=on_start, on_result=on_result,
+        report = run_jobs(jobs, overwrite=args.overwrite, segment_seconds=args.segment_seconds,
+                          on_start=on_start, on_result=on_result,
                           progress=lambda job: _progress(args, log, input=str(job.source)))
     except BatchInterrupted as stopped:
         _finish_batch(args, stopped.report, log)

@@ -34,8 +34,9 @@ from pathlib import Path
 
 from .config import UpscaleSettings
 from .errors import EXIT_SOME_FAILED, UsageError, VidscaleError
-from .media import OUTPUT_FORMATS, EncoderSettings
+from .media import OUTPUT_FORMATS, EncoderSettings, check_readable
 from .pipeline import upscale_video
+from .segments import DEFAULT_SEGMENT_SECONDS, Resume
 from .tiling import parse_tile
 
 DEFAULT_TEMPLATE = "{stem}.upscaled.mkv"
@@ -72,6 +73,7 @@ class JobResult:
     corrupt_packets: int = 0
     retimed_frames: int = 0
     reused_frames: int = 0
+    resumed_frames: int = 0
     error: str | None = None
 
 
@@ -219,6 +221,11 @@ def settings_digest(job: Job) -> str:
     return hashlib.sha256(json.dumps(record, sort_keys=True, default=str).encode()).hexdigest()
 
 
+def resume_for(job: Job, segment_seconds: float = DEFAULT_SEGMENT_SECONDS) -> Resume:
+    """Segments kept for this job are reused only for the same input and the same settings."""
+    return Resume({"input": fingerprint(job.source), "settings": settings_digest(job)}, segment_seconds)
+
+
 def sidecar_path(output: Path) -> Path:
     return output.with_name(output.name + SIDECAR_SUFFIX)
 
@@ -278,9 +285,13 @@ class BatchReport:
         _write_atomically(path, json.dumps(record, indent=2) + "\n")
 
 
-def run_jobs(jobs: list[Job], *, overwrite: bool = False, progress=lambda job: None,
-             on_start=lambda job: None, on_result=lambda job, result: None) -> BatchReport:
+def run_jobs(jobs: list[Job], *, overwrite: bool = False, segment_seconds: float = DEFAULT_SEGMENT_SECONDS,
+             progress=lambda job: None, on_start=lambda job: None,
+             on_result=lambda job, result: None) -> BatchReport:
     """Run `jobs` one after another (the engine already keeps every core busy).
+
+    Every job is resumable: one longer than `segment_seconds` works in segments kept beside its
+    output, and a job stopped in any way goes on from its last complete segment the next time.
 
     A job whose output is complete for the same input and settings is skipped, even with
     `overwrite`; an output without such a record is replaced only with `overwrite`. A failing job
@@ -295,7 +306,7 @@ def run_jobs(jobs: list[Job], *, overwrite: bool = False, progress=lambda job: N
             result = JobResult(str(job.source), str(job.output), "skipped")
         else:
             on_start(job)
-            result = _run_one(job, overwrite, progress(job), report, started)
+            result = _run_one(job, overwrite, segment_seconds, progress(job), report, started)
         report.results.append(result)
         on_result(job, result)
     report.seconds = time.monotonic() - started
@@ -310,13 +321,16 @@ class BatchInterrupted(KeyboardInterrupt):
         self.report, self.cause = report, cause
 
 
-def _run_one(job: Job, overwrite: bool, progress, report: BatchReport, started: float) -> JobResult:
+def _run_one(job: Job, overwrite: bool, segment_seconds: float, progress, report: BatchReport,
+             started: float) -> JobResult:
     try:
         # A template may put outputs in folders of their own ({parent}/...).
         job.output.parent.mkdir(parents=True, exist_ok=True)
         sidecar_path(job.output).unlink(missing_ok=True)  # it would vouch for the old output
+        check_readable(job.source)  # before fingerprinting it for resume_for
         result = upscale_video(job.source, job.output, job.settings, job.encoder, strict=job.strict,
-                               overwrite=overwrite, progress=progress)
+                               overwrite=overwrite, progress=progress,
+                               resume=resume_for(job, segment_seconds))
         write_sidecar(job, result.frames)
     except KeyboardInterrupt as exc:
         report.results.append(JobResult(str(job.source), str(job.output), "failed", error="interrupted"))
@@ -333,4 +347,4 @@ def _run_one(job: Job, overwrite: bool, progress, report: BatchReport, started: 
     return JobResult(str(job.source), str(job.output), "done", frames=result.frames,
                      seconds=round(result.seconds, 3), fps=round(result.fps, 3),
                      corrupt_packets=result.corrupt_packets, retimed_frames=result.retimed_frames,
-                     reused_frames=result.reused_frames)
+                     reused_frames=result.reused_frames, resumed_frames=result.resumed_frames)

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import errno
+import heapq
+import itertools
 import os
 import sys
 from contextlib import ExitStack, contextmanager
@@ -336,11 +338,13 @@ class VideoInfo:
 @dataclass(frozen=True, eq=False)
 class VideoFrame:
     """One decoded frame of the upscaled stream: `index` counts from 0 in presentation order,
-    `pts` is in the video stream's time_base, `rgb` is (H, W, 3) uint8, or uint16 when deep."""
+    `pts` is in the video stream's time_base, `rgb` is (H, W, 3) uint8, or uint16 when deep.
+    `key`: the source coded it as a keyframe (where a resumable run may start a segment)."""
 
     index: int
     pts: int
     rgb: np.ndarray
+    key: bool = False
 
 
 def default_colorspace(width: int, height: int) -> str:
@@ -437,6 +441,12 @@ class VideoReader:
         )
 
     @property
+    def duration(self) -> float | None:
+        """Seconds, as the container's header says; None when it does not say."""
+        duration = self.container.duration
+        return None if duration is None else duration / av.time_base
+
+    @property
     def expected_frames(self) -> int | None:
         """For progress only: the container's frame count, else duration x frame rate (Matroska
         stores no count), else None."""
@@ -485,8 +495,17 @@ class VideoReader:
                              f"runs to {float(declared):.3f} s: it is truncated or its pipe closed "
                              f"early; give the complete file")
 
-    def _demux(self):
-        """Decoded av.VideoFrames of the video stream and packets of the others."""
+    def copied_packets(self):
+        """Yield only the packets of the other streams, in demux order, without decoding the
+        video: joining segments encoded earlier needs the rest of the file, not its pictures.
+        Use either this or events(), once."""
+        lookahead, self._lookahead = self._lookahead, []
+        yield from (event for event in lookahead if isinstance(event, av.Packet))
+        # The demuxer carries on from where the frame looked ahead at open left it.
+        yield from self._demux(decode=False)
+
+    def _demux(self, decode: bool = True):
+        """Decoded av.VideoFrames of the video stream (unless not `decode`) and packets of the others."""
         video = self.stream
         try:
             for packet in self.container.demux():
@@ -494,11 +513,12 @@ class VideoReader:
                 # drop real packets of streams whose muxer leaves dts unset.
                 if packet.size == 0 or packet.stream.type == "attachment":
                     continue
-                if packet.stream is video:
-                    yield from self._decode(packet)
-                else:
+                if packet.stream is not video:
                     yield packet
-            yield from self._decode(None)
+                elif decode:
+                    yield from self._decode(packet)
+            if decode:
+                yield from self._decode(None)
         except av.FFmpegError as exc:
             raise MediaError(f"reading {self.label} failed ({exc.strerror or exc}); "
                              f"check that the file is complete") from exc
@@ -543,7 +563,7 @@ class VideoReader:
                 src_color_range=_SWS_RANGE[info.color_range], dst_color_range=ColorRange.JPEG,
                 interpolation=_SWS_FLAGS_DEEP_DECODE if self.deep else _SWS_FLAGS)
         self._next_index += 1
-        return VideoFrame(index, frame.pts, rgb.to_ndarray())
+        return VideoFrame(index, frame.pts, rgb.to_ndarray(), frame.key_frame)
 
 
 def _rotate_tag(stream) -> int:
@@ -626,15 +646,25 @@ class VideoWriter:
     disposition; attachments, chapters and container tags are copied too. A stream the output
     container cannot carry is refused with a MediaError (never dropped). MP4/MOV to a pipe is
     written fragmented. A reader closing the pipe raises OutputClosedError.
+
+    segment=True writes one segment of a resumable run: the video stream only, with the exact
+    (pts, dts, duration) of every packet kept in `packets` (the container may round them), for
+    join_segments. `after` is the previous segment's last (source pts, written pts), so
+    timestamps continue as they would in one run. `video_template` (join_segments): the video
+    is not encoded but copied with write_encoded, its stream made from this segment's stream.
     """
 
     def __init__(self, destination, reader: VideoReader, width: int, height: int,
-                 encoder: EncoderSettings = EncoderSettings()):
+                 encoder: EncoderSettings = EncoderSettings(), *, segment: bool = False,
+                 after: tuple[int, int] | None = None, video_template=None):
         self.reader = reader
         self.width, self.height = width, height
         self.frames_written = 0
         self.retimed_frames = 0
-        self._last_source_pts = self._last_pts = None
+        self._last_source_pts, self._last_pts = after or (None, None)
+        self.segment = segment
+        self.packets: list[tuple[int, int | None, int]] = []
+        self._template = video_template
         self.label = "stdout" if destination == "-" else str(destination)
         self._stack = ExitStack()
         self._closed = False
@@ -677,11 +707,16 @@ class VideoWriter:
         except (av.FFmpegError, ValueError) as exc:
             raise MediaError(f"cannot write {fmt} to {self.label} ({exc}); "
                              f"choose another container") from exc
+        self._streams = {}
+        if self.segment:
+            self._add_video(self.reader.stream, codec, settings)
+            return
         self.container.metadata.update(
             {k: v for k, v in source.metadata.items() if k.lower() != "encoder"})
-        self._streams = {}
         for stream in source.streams:
-            if stream is self.reader.stream:
+            if stream is self.reader.stream and self._template is not None:
+                self._streams[stream.index] = self._add_joined_video(stream)
+            elif stream is self.reader.stream:
                 self._streams[stream.index] = self._add_video(stream, codec, settings)
             elif stream.type == "attachment":
                 self._add_attachment(stream)
@@ -742,11 +777,25 @@ class VideoWriter:
         self._to_yuv = dict(format=pix_fmt, dst_colorspace=_SWS_MATRIX[matrix],
                             dst_color_range=_SWS_RANGE[colour_range], interpolation=_SWS_FLAGS)
         self._reformatter = VideoReformatter()
+        return self._tag_video(stream, source)
+
+    def _tag_video(self, stream, source):
         stream.metadata.update({k: v for k, v in source.metadata.items()
                                 if not k.lower().startswith(_STALE_VIDEO_TAGS)})
         stream.disposition = source.disposition
         self.video = stream
         return stream
+
+    def _add_joined_video(self, source):
+        """The upscaled stream of a join: codec parameters (headers, size, colour tags, sample
+        aspect ratio) from a segment; time base, rotation and tags as _add_video sets them."""
+        # Packets copied into a stream whose encoder was opened come out mangled, hence a template.
+        stream = self.container.add_stream_from_template(self._template)
+        stream.time_base = self.reader.info.time_base
+        stream.metadata.clear()  # the segment's own tags (encoder, statistics) are not the source's
+        if self.reader.info.rotation:
+            stream.set_display_rotation(self.reader.info.rotation)
+        return self._tag_video(stream, source)
 
     def _copy_stream(self, source):
         try:
@@ -798,8 +847,34 @@ class VideoWriter:
         frame = self._reformatter.reformat(frame, **self._to_yuv)
         frame.pts = pts
         frame.time_base = self.reader.info.time_base
+        self._encode(frame)
+        self.frames_written += 1
+
+    def _encode(self, frame: av.VideoFrame | None) -> None:
         with self._errors():
-            self.container.mux(self.video.encode(frame))
+            packets = self.video.encode(frame)
+            if self.segment:
+                # Before mux, which rescales them to the container's (maybe coarser) time base.
+                self.packets += [(p.pts, p.dts, p.duration) for p in packets]
+            self.container.mux(packets)
+
+    @property
+    def last_pts(self) -> tuple[int, int] | None:
+        """(source pts, written pts) of the last frame, for the `after` of a following segment."""
+        return None if self._last_pts is None else (self._last_source_pts, self._last_pts)
+
+    @property
+    def extradata(self) -> bytes:
+        """The encoder's global headers (e.g. H.264 SPS/PPS); segments joined must share them."""
+        return bytes(self.video.codec_context.extradata or b"")
+
+    def write_encoded(self, packet: av.Packet) -> None:
+        """Mux a video packet encoded by a segment writer, its timestamps in the source time
+        base; counted in frames_written (these encoders give one packet per frame)."""
+        packet.stream = self.video
+        packet.time_base = self.reader.info.time_base
+        with self._errors():
+            self.container.mux(packet)
         self.frames_written += 1
 
     def write_packet(self, packet: av.Packet) -> None:
@@ -813,8 +888,9 @@ class VideoWriter:
         if self._closed:
             return
         try:
+            if self._template is None:
+                self._encode(None)
             with self._errors():
-                self.container.mux(self.video.encode(None))
                 self._closed = True
                 self._stack.close()
         except BaseException as exc:
@@ -850,6 +926,75 @@ class VideoWriter:
                                  f"choose an output in a writable directory") from exc
             raise MediaError(f"writing {self.label} failed ({exc}); "
                              f"check free space and the encoder settings") from exc
+
+
+@dataclass(frozen=True)
+class EncodedSegment:
+    """A segment file a segment VideoWriter wrote: its exact packet timestamps (source time
+    base) and its encoder's global headers."""
+
+    path: Path
+    packets: list[tuple[int, int | None, int]]
+    extradata: bytes
+
+
+def join_segments(destination: Path, reader: VideoReader, encoder: EncoderSettings,
+                  segments: list[EncodedSegment], frames: int) -> None:
+    """Write `destination` from the video packets of `segments`, in order and without
+    re-encoding, and every other stream of `reader`'s input copied as a VideoWriter copies them,
+    merged by time so the muxer's interleaving buffer stays small. The output is renamed into
+    place only when it holds `frames` frames. Raises MediaError when segments do not fit
+    together (other stream headers, packets missing): the joined stream would not decode."""
+    time_base = reader.info.time_base
+    order = itertools.count()
+
+    def video():
+        for segment in segments:
+            if segment.extradata != segments[0].extradata:
+                raise MediaError(f"{segment.path} was encoded with other stream headers than "
+                                 f"{segments[0].path}; delete the work directory and run again")
+            with _open_segment(segment.path) as container:
+                packets = (p for p in container.demux(video=0) if p.size)
+                for packet, stamps in itertools.zip_longest(packets, segment.packets):
+                    if packet is None or stamps is None:
+                        raise MediaError(f"{segment.path} does not hold the {len(segment.packets)} "
+                                         f"packets recorded for it; delete the work directory and "
+                                         f"run again")
+                    packet.pts, packet.dts, packet.duration = stamps
+                    stamp = packet.dts if packet.dts is not None else packet.pts
+                    yield stamp * time_base, next(order), True, packet
+
+    def others():
+        when = Fraction(0)
+        for packet in reader.copied_packets():
+            stamp = packet.dts if packet.dts is not None else packet.pts
+            if stamp is not None:
+                when = stamp * packet.time_base
+            yield when, next(order), False, packet
+
+    with _open_segment(segments[0].path) as first:
+        template = first.streams.video[0]
+        writer = VideoWriter(destination, reader, template.width, template.height, encoder,
+                             video_template=template)
+    with writer:
+        for _, _, upscaled, packet in heapq.merge(video(), others(), key=lambda item: item[:2]):
+            if upscaled:
+                writer.write_encoded(packet)
+            else:
+                writer.write_packet(packet)
+        if writer.frames_written != frames:
+            raise MediaError(f"joined {writer.frames_written} frames but decoded {frames}; "
+                             f"the output is incomplete and was not kept")
+
+
+@contextmanager
+def _open_segment(path: Path):
+    try:
+        with av.open(str(path)) as container:
+            yield container
+    except av.FFmpegError as exc:
+        raise MediaError(f"segment {path} cannot be read ({exc}); delete the work directory "
+                         f"and run again") from exc
 
 
 def _code(names: dict[int, str], name: str) -> int:

@@ -15,8 +15,9 @@ from .config import UpscaleSettings
 from .engine import Engine, EngineSettings, InferQueue, Upscaler
 from .errors import MediaError, UsageError
 from .media import (EncoderSettings, VideoFrame, VideoReader, VideoWriter, check_output, is_deep,
-                    output_pix_fmt, read_image)
+                    join_segments, output_pix_fmt, read_image)
 from .models import LoadedModel, resolve
+from .segments import Cutter, Resume, SegmentSink, WorkDir
 from .tiling import TilePlan, choose_tile, plan_tiles, split, stitch
 
 _SAMPLES = {np.dtype(np.uint8): "u8", np.dtype(np.uint16): "u16"}
@@ -157,6 +158,8 @@ class VideoResult:
     retimed_frames: int
     reused_frames: int
     """Frames that matched the last inferred frame and reused its output (see frames_match)."""
+    resumed_frames: int = 0
+    """Frames of segments an earlier, stopped run had completed, taken as they were."""
 
     @property
     def fps(self) -> float:
@@ -236,6 +239,18 @@ class _ReusedFrame:
         self.index, self.pts = index, pts
 
 
+class _Cut:
+    """A segment starts with the next frame (see segments.Cutter)."""
+
+    __slots__ = ("index", "pts", "decoded_before")
+
+    def __init__(self, index: int, pts: int, decoded_before: int):
+        self.index, self.pts, self.decoded_before = index, pts, decoded_before
+
+
+_SKIPPED = object()  # a frame of a segment an earlier run completed
+
+
 class _PendingFrame:
     """A frame whose tiles are in inference; the OpenVINO callbacks fill it, the encoder waits."""
 
@@ -263,7 +278,7 @@ def _store_pending(target: tuple[_PendingFrame, int], output: np.ndarray) -> Non
 
 def upscale_video(source, destination, settings: UpscaleSettings = UpscaleSettings(),
                   encoder: EncoderSettings = EncoderSettings(), *, strict: bool = False,
-                  overwrite: bool = False, progress=None) -> VideoResult:
+                  overwrite: bool = False, progress=None, resume: Resume | None = None) -> VideoResult:
     """Upscale the first video stream of `source` into `destination`, copying every other stream.
 
     source/destination: paths, or "-" for stdin/stdout. Threads: a decoder feeding a bounded
@@ -271,11 +286,17 @@ def upscale_video(source, destination, settings: UpscaleSettings = UpscaleSettin
     in order (and the other streams' packets where they were in the input). The first error in
     any of them stops all, in-flight requests are drained, the partial output is removed, and the
     error is raised here. Frames written must equal frames decoded, or the run fails.
+
+    With `resume`, a file input longer than one segment is upscaled in segments kept beside the
+    output (see segments.py): a run stopped in any way continues where it stopped when run again.
     """
     from .progress import Progress
 
     progress = progress or Progress()
     started = time.monotonic()
+    if resume is not None and not (_is_file(source) and destination != "-"):
+        raise UsageError("only a file can be upscaled resumably (into a file): a pipe cannot be read "
+                         "again after a stop; drop --resume or give file paths")
     if destination != "-":
         named_source = isinstance(source, (str, os.PathLike)) and source != "-"
         check_output(Path(destination), [Path(source)] if named_source else [], overwrite)
@@ -295,7 +316,11 @@ def upscale_video(source, destination, settings: UpscaleSettings = UpscaleSettin
         plan = frame_upscaler.plan(info.height, info.width)
         model = frame_upscaler.upscaler_for(plan, "u16" if reader.deep else "u8")
         out_h, out_w = plan.out_shape
-        with VideoWriter(destination, reader, out_w, out_h, replace(encoder, pix_fmt=pix_fmt)) as writer:
+        encoder = replace(encoder, pix_fmt=pix_fmt)
+        if resume is not None and _longer_than(reader, resume.segment_seconds):
+            return _upscale_in_segments(reader, source, Path(destination), encoder, (out_w, out_h), plan,
+                                        model, progress, settings.dedup, resume, started, strict)
+        with VideoWriter(destination, reader, out_w, out_h, encoder) as writer:
             progress.start(reader.expected_frames, reader.label)
             try:
                 decoded, reused = _run_stages(reader, writer, plan, model, progress, settings.dedup)
@@ -309,9 +334,47 @@ def upscale_video(source, destination, settings: UpscaleSettings = UpscaleSettin
                            reused_frames=reused)
 
 
-def _run_stages(reader: VideoReader, writer: VideoWriter, plan: TilePlan, model: Upscaler, progress,
-                dedup: float | None) -> tuple[int, int]:
-    """Run decode, inference and encode concurrently; returns (frames decoded, frames reused)."""
+def _is_file(source) -> bool:
+    return isinstance(source, (str, os.PathLike)) and source != "-"
+
+
+def _longer_than(reader: VideoReader, seconds: float) -> bool:
+    """Whether the video may hold more than one segment (an unknown duration may)."""
+    return reader.duration is None or reader.duration > seconds
+
+
+def _upscale_in_segments(reader: VideoReader, source, destination: Path, encoder: EncoderSettings,
+                         size: tuple[int, int], plan: TilePlan, model: Upscaler, progress,
+                         dedup: float | None, resume: Resume, started: float, strict: bool) -> VideoResult:
+    """upscale_video in segments: those complete from an earlier run are kept, the others are
+    upscaled, then all are joined into `destination` and the work directory is removed."""
+    out_w, out_h = size
+    with WorkDir(destination, resume) as work:
+        cutter = Cutter(resume.segment_seconds, reader.info.time_base, work.records)
+        with SegmentSink(work, lambda path, after: VideoWriter(path, reader, out_w, out_h, encoder,
+                                                               segment=True, after=after)) as sink:
+            progress.start(reader.expected_frames, reader.label)
+            try:
+                decoded, reused = _run_stages(reader, sink, plan, model, progress, dedup, cutter)
+            finally:
+                progress.close()
+            sink.finish(decoded)
+        # A reader of its own: the other streams are copied from the start of the file.
+        with VideoReader(source, strict=strict) as again:
+            join_segments(destination, again, encoder, work.encoded(sink.indices), decoded)
+    work.remove()
+    return VideoResult(output=str(destination), frames=decoded, seconds=time.monotonic() - started,
+                       corrupt_packets=reader.corrupt_packets, retimed_frames=sink.retimed_frames,
+                       reused_frames=reused, resumed_frames=sink.resumed_frames)
+
+
+def _run_stages(reader: VideoReader, writer: VideoWriter | SegmentSink, plan: TilePlan, model: Upscaler,
+                progress, dedup: float | None, cutter: Cutter | None = None) -> tuple[int, int]:
+    """Run decode, inference and encode concurrently; returns (frames decoded, frames reused).
+
+    With a `cutter`, `writer` is a SegmentSink: it is told where segments start, frames of
+    segments already complete skip inference, and other streams' packets are left to the join.
+    """
     run = _Run()
     decoded_queue: queue.Queue = queue.Queue(maxsize=_DECODED_QUEUE)
     ordered: queue.Queue = queue.Queue()  # bounded by the frame semaphore and demux interleaving
@@ -343,6 +406,11 @@ def _run_stages(reader: VideoReader, writer: VideoWriter, plan: TilePlan, model:
                     # Frames are written in order, so the last one written is the reference.
                     writer.write_frame(upscaled, item.pts)
                     progress.update(writer.frames_written)
+                elif item is _SKIPPED:
+                    writer.skip()
+                    progress.update(writer.frames_written)
+                elif isinstance(item, _Cut):
+                    writer.start(item.index, item.pts, item.decoded_before)
                 else:
                     writer.write_packet(item)
         except BaseException as exc:  # noqa: BLE001 - handed to the owner
@@ -354,12 +422,24 @@ def _run_stages(reader: VideoReader, writer: VideoWriter, plan: TilePlan, model:
         thread.start()
     frames = reused = 0
     reference = None
+    skipping = False
     try:
         while (event := run.get(decoded_queue)) is not _END:
             if not isinstance(event, VideoFrame):
-                ordered.put(event)
+                if cutter is None:
+                    ordered.put(event)
                 continue
             frames += 1
+            if cutter is not None:
+                if cutter.cut(event):
+                    # A segment may be done again on its own, so it must not depend on frames
+                    # of the one before: its first frame always goes through the model.
+                    reference = None
+                    skipping = cutter.done(cutter.index)
+                    ordered.put(_Cut(cutter.index, event.pts, frames - 1))
+                if skipping:
+                    ordered.put(_SKIPPED)
+                    continue
             # Compared with the last frame that went through the model, not the previous one,
             # so a slow fade cannot creep past the threshold one small step at a time.
             if dedup is not None and reference is not None and frames_match(event.rgb, reference, dedup):

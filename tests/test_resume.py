@@ -1,0 +1,179 @@
+"""Resumable runs: segments cut at source keyframes, kept beside the output, joined without
+re-encoding; a run killed with SIGKILL goes on from its last complete segment when run again."""
+
+import json
+import signal
+import subprocess
+import sys
+import time
+from fractions import Fraction
+
+import av
+import numpy as np
+import pytest
+
+from clips import demux_all, make_clip, stream_tags
+from vidscale import segments
+from vidscale.cli import main
+from vidscale.media import VideoFrame, VideoReader
+
+LOSSLESS = ["-c:v", "ffv1", "--progress", "none"]
+# x264 at a preset with B-frames: each segment's encoder starts afresh with its own reorder delay.
+BFRAMES = ["-c:v", "libx264", "--preset", "medium", "--progress", "none"]
+
+
+@pytest.fixture
+def run(cache_dir, identity_x2, capsys):
+    def run(*args: str) -> tuple[int, str]:
+        status = main(["--cache-dir", str(cache_dir), *args, "-m", str(identity_x2)])
+        return status, capsys.readouterr().err
+
+    return run
+
+
+def frames(path) -> list[VideoFrame]:
+    # strict: a join that broke the stream shows up as corrupt data, not as concealed pictures.
+    with VideoReader(path, strict=True) as reader:
+        return [e for e in reader.events() if isinstance(e, VideoFrame)]
+
+
+def assert_same_output(segmented, whole, lossless=True):
+    """Same frames (timestamps; pixels where the encoder is lossless, so deterministic across
+    segment starts), same packets of every other stream, same streams, tags, chapters and
+    attachments."""
+    assert demux_all(segmented) == demux_all(whole)
+    assert stream_tags(segmented) == stream_tags(whole)
+    with av.open(str(segmented)) as a, av.open(str(whole)) as b:
+        assert [(s.name, s.mimetype, s.data) for s in a.streams.attachments] == [
+            (s.name, s.mimetype, s.data) for s in b.streams.attachments]
+        assert a.streams.video[0].sample_aspect_ratio == b.streams.video[0].sample_aspect_ratio
+    for x, y in zip(frames(segmented), frames(whole), strict=True):
+        assert x.pts == y.pts
+        # A lossy encoder that starts afresh at a segment codes the same pictures a little differently.
+        assert np.array_equal(x.rgb, y.rgb) if lossless else np.abs(x.rgb.astype(int) - y.rgb).mean() < 3
+
+
+@pytest.mark.parametrize("suffix, codec", [(".mkv", LOSSLESS), (".mkv", BFRAMES), (".mp4", BFRAMES)])
+def test_a_segmented_run_gives_what_one_run_gives(tmp_path, run, suffix, codec):
+    mkv = suffix == ".mkv"
+    source = make_clip(tmp_path / "in.mkv", frames=30, gop=4, subtitles=mkv, attachment=mkv, chapters=True,
+                       sar=Fraction(4, 3))
+    whole, segmented = tmp_path / f"whole{suffix}", tmp_path / f"segmented{suffix}"
+    assert run("upscale", str(source), "-o", str(whole), *codec)[0] == 0
+    status, err = run("upscale", str(source), "-o", str(segmented), *codec, "--resume", "--segment-seconds", "0.2")
+    assert status == 0, err
+    assert_same_output(segmented, whole, lossless=codec is LOSSLESS)
+    in_pts = demux_all(source)[0]
+    assert demux_all(segmented)[0] == in_pts and len(in_pts) == 30
+    if codec is BFRAMES:
+        with av.open(str(segmented)) as out:  # B-frames really were there to get wrong
+            packets = [p for p in out.demux(video=0) if p.size]
+            assert [p.pts for p in packets] != sorted(p.pts for p in packets)
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["in.mkv", whole.name, segmented.name])
+
+
+def test_segments_start_at_source_keyframes_and_never_reuse_across_a_start(tmp_path, run, monkeypatch):
+    # A still picture: with exact reuse every frame but the first of each segment is reused.
+    source = tmp_path / "still.mkv"
+    picture = np.full((48, 64, 3), 90, np.uint8)
+    with av.open(str(source), "w") as out:
+        video = out.add_stream("libx264", rate=25, options={"preset": "ultrafast", "g": "7", "scenecut": "0"})
+        video.width, video.height, video.pix_fmt = 64, 48, "yuv420p"
+        for index in range(21):
+            frame = av.VideoFrame.from_ndarray(picture, format="rgb24").reformat(format="yuv420p")
+            frame.pts, frame.time_base = index, Fraction(1, 25)
+            out.mux(video.encode(frame))
+        out.mux(video.encode())
+    starts = []
+    original = segments.SegmentSink.start
+
+    def start(self, index, first_pts, decoded_before):
+        starts.append(decoded_before)
+        original(self, index, first_pts, decoded_before)
+
+    monkeypatch.setattr(segments.SegmentSink, "start", start)
+    status, err = run("upscale", str(source), "-o", str(tmp_path / "out.mkv"), *LOSSLESS, "--dedup", "exact",
+                      "--resume", "--segment-seconds", "0.1")
+    assert status == 0, err
+    # Keyframes every 7 frames; 0.1 s is under 3 frames, so every keyframe starts a segment.
+    assert starts == [0, 7, 14]
+    assert "18 unchanged frames reused" in err
+    assert len(frames(tmp_path / "out.mkv")) == 21
+
+
+def test_resume_after_sigkill_keeps_complete_segments_and_gives_the_same_output(tmp_path, cache_dir, identity_x2,
+                                                                                 run, monkeypatch):
+    source = make_clip(tmp_path / "long.mkv", frames=300, size=(128, 96), codec="ffv1", subtitles=True,
+                       chapters=True)
+    out = tmp_path / "out"
+    out.mkdir()
+    target = out / "long.x2.mkv"
+    work = segments.work_dir_for(target)
+    command = ["upscale", str(source), "-o", str(target), *LOSSLESS, "--resume", "--segment-seconds", "0.4"]
+    process = subprocess.Popen([sys.executable, "-m", "vidscale", "--cache-dir", str(cache_dir), *command,
+                                "-m", str(identity_x2)], stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 120
+        while len(list(work.glob("segment-*.json"))) < 2 and process.poll() is None:
+            assert time.monotonic() < deadline
+            time.sleep(0.002)
+        process.send_signal(signal.SIGKILL)
+        assert process.wait(timeout=30) == -signal.SIGKILL
+    finally:
+        process.kill()
+    # Killed mid-way: nothing at the final path, no temporary file beside it, the work kept.
+    assert [p.name for p in out.iterdir()] == [work.name]
+    done = {json.loads(p.read_text())["index"]: json.loads(p.read_text())["frames"]
+            for p in work.glob("segment-*.json")}
+    assert 2 <= len(done) and sum(done.values()) < 300
+
+    redone = []
+    original = segments.WorkDir.complete
+
+    def complete(self, record):
+        redone.append(record.index)
+        original(self, record)
+
+    monkeypatch.setattr(segments.WorkDir, "complete", complete)
+    status, err = run(*command)
+    assert status == 0, err
+    assert f"{sum(done.values())} frames resumed from an earlier run" in err
+    assert redone and not set(redone) & set(done)  # complete segments were not done again
+    assert min(redone) == len(done) and sorted(done) == list(range(len(done)))
+    assert [p.name for p in out.iterdir()] == [target.name]  # the work directory is gone
+
+    whole = tmp_path / "whole.mkv"
+    assert run("upscale", str(source), "-o", str(whole), *LOSSLESS)[0] == 0
+    assert_same_output(target, whole)
+
+
+def test_a_changed_input_starts_its_segments_afresh(tmp_path, run):
+    source = make_clip(tmp_path / "in.mkv", frames=12, codec="ffv1", audio=False)
+    target = tmp_path / "out.mkv"
+    work = segments.work_dir_for(target)
+    work.mkdir()
+    (work / "state.json").write_text(json.dumps({"input": "another file", "segment_seconds": 0.2}))
+    (work / "segment-00000.mkv").write_bytes(b"from another input")
+    (work / "segment-00000.json").write_text("{}")
+    status, err = run("upscale", str(source), "-o", str(target), *LOSSLESS, "--resume", "--segment-seconds", "0.2")
+    assert status == 0, err
+    assert "resumed" not in err
+    assert len(frames(target)) == 12 and not work.exists()
+
+
+def test_resume_refuses_pipes(tmp_path, run):
+    source = make_clip(tmp_path / "in.mkv", frames=2)
+    status, err = run("upscale", str(source), "-o", "-", "--resume")
+    assert status == 2
+    assert "--resume needs a file input and a file output" in err
+
+
+def test_batch_jobs_are_resumable_and_leave_no_work_behind(tmp_path, run):
+    source = make_clip(tmp_path / "ep1.mkv", frames=20, gop=5, subtitles=True)
+    out = tmp_path / "out"
+    out.mkdir()
+    status, err = run("batch", str(source), "--output-dir", str(out), *BFRAMES, "--segment-seconds", "0.2")
+    assert status == 0, err
+    assert sorted(p.name for p in out.iterdir()) == ["ep1.upscaled.mkv", "ep1.upscaled.mkv.vidscale.json"]
+    assert run("upscale", str(source), "-o", str(tmp_path / "whole.mkv"), *BFRAMES)[0] == 0
+    assert_same_output(out / "ep1.upscaled.mkv", tmp_path / "whole.mkv", lossless=False)
