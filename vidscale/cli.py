@@ -85,6 +85,9 @@ def _engine_options(parser: argparse.ArgumentParser, default_model: str) -> None
     parser.add_argument("--calibration", type=Path, metavar="FILE",
                         help="int8: video or picture to calibrate on (default: the input itself)")
     parser.add_argument("--device", default="CPU", help="OpenVINO device: CPU, GPU, NPU, AUTO... (default: CPU)")
+    parser.add_argument("--tune", action="store_true",
+                        help="with automatic tiles: time the candidate tile shapes and stream counts on this "
+                             "device once per frame size, and use the fastest (cached)")
 
 
 def _video_options(parser: argparse.ArgumentParser) -> None:
@@ -112,7 +115,7 @@ def _video_options(parser: argparse.ArgumentParser) -> None:
 
 # Batch options that are settings of each job, by argparse dest (-x is `encoder_option`).
 _BATCH_SETTINGS = {"model", "scale", "tile", "overlap", "precision", "device", "codec", "crf", "preset",
-                   "pix_fmt", "encoder_option", "format", "strict", "dedup"}
+                   "pix_fmt", "encoder_option", "format", "strict", "dedup", "tune"}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -169,7 +172,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def settings_from(args: argparse.Namespace) -> UpscaleSettings:
     return UpscaleSettings(model=args.model, scale=args.scale, tile=args.tile, overlap=args.overlap,
-                           precision=args.precision, device=args.device, cache_dir=args.cache_dir,
+                           precision=args.precision, device=args.device, cache_dir=args.cache_dir, tune=args.tune,
                            calibration=args.calibration)
 
 

@@ -31,6 +31,9 @@ class UpscaleSettings:
     device: str = "CPU"
     cache_dir: Path | None = None
     memory_budget: int = DEFAULT_MEMORY_BUDGET
+    tune: bool = False
+    """With tile None: measure which tile shape and stream count run fastest for each frame size on
+    this device (once; the choice is cached, see tuning.py) instead of taking the largest tile."""
     calibration: Path | None = None
     """precision="int8": a video or picture to calibrate the quantization on; None uses the input
     being upscaled where it is a file (a pipe cannot be read twice), else a bundled synthetic set."""

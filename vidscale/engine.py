@@ -186,8 +186,11 @@ class Engine:
                              f"(native x{self.native_scale}); use a scale from 1 to {self.native_scale}")
 
     def upscaler(self, tile_shape: tuple[int, int], *, batch: int = 1, outscale: int | None = None,
-                 sample: str = "u8") -> Upscaler:
-        """The compiled model for exactly this input shape, compiling it on first use."""
+                 sample: str = "u8", streams: int = 0) -> Upscaler:
+        """The compiled model for exactly this input shape, compiling it on first use.
+
+        streams: parallel inference streams on the device (0: OpenVINO's throughput default).
+        """
         outscale = self.native_scale if outscale is None else outscale
         self.check_outscale(outscale)
         if sample not in SAMPLE_TYPES:
@@ -198,27 +201,30 @@ class Engine:
             raise EngineError(f"tile shape {h}x{w} (batch {batch}) is not valid for {self.model.name}: "
                               f"height and width must be positive multiples of {m}")
         precision = self.precision_for(sample)
-        key = (h, w, batch, outscale, sample, precision, self.settings.device)
+        key = (h, w, batch, outscale, sample, precision, self.settings.device, streams)
         with self._lock:
             found = self._compiled.get(key)
             if found is not None:
                 self._compiled.move_to_end(key)
                 return found
             ir = self._int8_ir.clone() if self._int8_ir is not None else self.float_ir()
-            upscaler = self.wrap(ir, h, w, batch=batch, outscale=outscale, sample=sample, precision=precision)
+            upscaler = self.wrap(ir, h, w, batch=batch, outscale=outscale, sample=sample, precision=precision,
+                                 streams=streams)
             self._compiled[key] = upscaler
             if len(self._compiled) > _COMPILED_CACHE_SIZE:
                 self._compiled.popitem(last=False)
             return upscaler
 
     def wrap(self, ir: ov.Model, h: int, w: int, *, batch: int, outscale: int, sample: str,
-             precision: str) -> Upscaler:
+             precision: str, streams: int = 0) -> Upscaler:
         """Compile `ir` (consumed: it is reshaped in place) for exactly this shape."""
         graph = _static_graph(ir, batch, h, w, self.native_scale, outscale, sample)
         config = {
             "PERFORMANCE_HINT": "THROUGHPUT",
             "CACHE_DIR": str(self.settings.resolved_cache_dir / "openvino"),
         }
+        if streams:
+            config["NUM_STREAMS"] = str(streams)
         if not self.settings.device.partition(":")[0].upper() in ("AUTO", "MULTI", "HETERO", "BATCH"):
             # An INT8 graph carries its precision in its FakeQuantize nodes; the hint only sets
             # what the layers left in float (first and last convolution) run at.

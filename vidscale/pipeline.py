@@ -19,6 +19,7 @@ from .media import (EncoderSettings, VideoFrame, VideoReader, VideoWriter, check
 from .models import LoadedModel, resolve
 from .segments import Cutter, Resume, SegmentSink, WorkDir
 from .tiling import TilePlan, choose_tile, plan_tiles, split, stitch
+from .tuning import tuned
 
 _SAMPLES = {np.dtype(np.uint8): "u8", np.dtype(np.uint16): "u16"}
 
@@ -78,6 +79,7 @@ class FrameUpscaler:
                                                         cache_dir=settings.cache_dir), calibration, evaluation)
         self.engine.check_outscale(settings.scale)  # before any frame arrives
         self._plans: dict[tuple[int, int], TilePlan] = {}
+        self._streams: dict[tuple[int, int], int] = {}
         self._queues: dict[Upscaler, InferQueue] = {}
 
     @property
@@ -92,9 +94,14 @@ class FrameUpscaler:
             multiple = self.model.spec.size_multiple
             tile = self.settings.tile
             if tile is None:
-                max_pixels = self.settings.memory_budget // self.model.spec.activation_bytes_per_pixel
-                tile = choose_tile(height, width, max_pixels=max(max_pixels, 1), multiple=multiple,
-                                   overlap=self.settings.overlap)
+                max_pixels = max(1, self.settings.memory_budget // self.model.spec.activation_bytes_per_pixel)
+                if self.settings.tune:
+                    choice = tuned(self.engine, height, width, outscale=self.scale, overlap=self.settings.overlap,
+                                   max_pixels=max_pixels)
+                    tile, self._streams[key] = choice.tile, choice.streams
+                else:
+                    tile = choose_tile(height, width, max_pixels=max_pixels, multiple=multiple,
+                                       overlap=self.settings.overlap)
             else:
                 tile = tuple(-(-t // multiple) * multiple for t in tile)
             try:
@@ -107,7 +114,8 @@ class FrameUpscaler:
         return plan
 
     def upscaler_for(self, plan: TilePlan, sample: str) -> Upscaler:
-        return self.engine.upscaler(plan.tile_shape, outscale=self.scale, sample=sample)
+        streams = self._streams.get((plan.height, plan.width), 0)
+        return self.engine.upscaler(plan.tile_shape, outscale=self.scale, sample=sample, streams=streams)
 
     def __call__(self, frame: np.ndarray) -> np.ndarray:
         sample = sample_type(frame.dtype)

@@ -1,0 +1,113 @@
+"""Throughput tuning: measure which tile shape and how many inference streams run a frame size fastest.
+
+The best tile is not always the largest one that fits in memory: on a CPU a smaller tile can keep
+the caches warmer and run faster per pixel than the whole frame, overlap costs the other way, and
+whether two streams beat one depends on the model and the core count. So each candidate is compiled
+and timed for a moment on the real device, and the winner is kept in a small JSON file in the cache
+directory, keyed by model weights, frame size, scale, precision, device and core count: the next
+run of the same kind starts with it at no cost.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from .engine import Engine
+from .tiling import choose_tile, plan_tiles
+
+TUNING_FILE = "tuning.json"
+MEASURE_SECONDS = 1.5
+# Whole frame (or the memory budget's largest tile), then budgets halved down to an eighth.
+_BUDGET_DIVISORS = (1, 2, 4, 8)
+_lock = threading.Lock()
+
+
+@dataclass(frozen=True)
+class Choice:
+    tile: tuple[int, int]
+    streams: int
+    fps: float
+    """Whole frames per second measured for this choice."""
+
+
+def cores() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def candidates(height: int, width: int, *, max_pixels: int, multiple: int, overlap: int) -> list[tuple[int, int]]:
+    """Distinct tile shapes to try: the memory budget's choice and ever smaller ones."""
+    budget = min(max_pixels, -(-height // multiple) * multiple * -(-width // multiple) * multiple)
+    tiles: list[tuple[int, int]] = []
+    for divisor in _BUDGET_DIVISORS:
+        try:
+            tile = choose_tile(height, width, max_pixels=max(1, budget // divisor), multiple=multiple,
+                               overlap=overlap)
+        except ValueError:
+            break  # a budget too small for any tile with this overlap
+        if tile not in tiles:
+            tiles.append(tile)
+    return tiles
+
+
+def measure(engine: Engine, tile: tuple[int, int], streams: int, *, height: int, width: int, outscale: int,
+            overlap: int, seconds: float = MEASURE_SECONDS) -> float:
+    """Whole frames per second: inferences per second on `tile` over the tiles one frame needs."""
+    tiles_per_frame = len(plan_tiles(height, width, tile, overlap=overlap, scale=outscale,
+                                     multiple=engine.size_multiple))
+    upscaler = engine.upscaler(tile, outscale=outscale, streams=streams)
+    batch = np.zeros(upscaler.input_shape, upscaler.dtype)
+    queue = upscaler.queue(lambda *_: None)
+    for _ in range(upscaler.requests):  # first inferences allocate; keep them out of the timing
+        queue.submit(batch, None)
+    queue.wait_all()
+    done, started = 0, time.perf_counter()
+    while done < 2 * upscaler.requests or time.perf_counter() - started < seconds:
+        queue.submit(batch, None)
+        done += 1
+    queue.wait_all()
+    return done / (time.perf_counter() - started) / tiles_per_frame
+
+
+def tuned(engine: Engine, height: int, width: int, *, outscale: int, overlap: int, max_pixels: int) -> Choice:
+    """The fastest (tile, streams) for frames of this size, from the cache or measured now."""
+    key = ":".join(str(part) for part in (engine.model.digest, f"{height}x{width}", outscale, overlap,
+                                          engine.precision_for("u8"), engine.settings.device, cores()))
+    path = engine.settings.resolved_cache_dir / TUNING_FILE
+    known = _load(path)
+    if key in known:
+        entry = known[key]
+        return Choice(tuple(entry["tile"]), entry["streams"], entry["fps"])
+    stream_counts = sorted({1, cores()})
+    results = [Choice(tile, streams, measure(engine, tile, streams, height=height, width=width,
+                                             outscale=outscale, overlap=overlap))
+               for tile in candidates(height, width, max_pixels=max_pixels, multiple=engine.size_multiple,
+                                      overlap=overlap)
+               for streams in stream_counts]
+    best = max(results, key=lambda choice: choice.fps)
+    with _lock:
+        known = _load(path)
+        known[key] = {"tile": list(best.tile), "streams": best.streams, "fps": best.fps,
+                      "tried": [[*c.tile, c.streams, round(c.fps, 4)] for c in results]}
+        _save(path, known)
+    return best
+
+
+def _load(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}  # none yet, or unreadable: measuring again is always safe
+
+
+def _save(path: Path, known: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}")
+    tmp.write_text(json.dumps(known, indent=1))
+    os.replace(tmp, path)
