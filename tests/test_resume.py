@@ -137,7 +137,7 @@ def test_resume_after_sigkill_keeps_complete_segments_and_gives_the_same_output(
     monkeypatch.setattr(segments.WorkDir, "complete", complete)
     status, err = run(*command)
     assert status == 0, err
-    assert f"{sum(done.values())} frames resumed from an earlier run" in err
+    assert f"{sum(done.values())} frames resumed from an earlier run" in err, (done, err)
     assert redone and not set(redone) & set(done)  # complete segments were not done again
     assert min(redone) == len(done) and sorted(done) == list(range(len(done)))
     assert [p.name for p in out.iterdir()] == [target.name]  # the work directory is gone
