@@ -31,7 +31,6 @@ def _terminate(signum, frame) -> None:
     raise Terminated()
 
 
-
 def _tile(text: str) -> tuple[int, int] | None:
     """`0` (automatic), `N` (N x N) or `HxW`."""
     try:
@@ -192,25 +191,30 @@ def run_models(args: argparse.Namespace) -> int:
     return 0
 
 
-def _notes(result) -> list[str]:
-    """What a person should know about a finished video (a VideoResult or a batch JobResult)."""
-    notes = []
+def _warnings(result) -> list[str]:
+    """What was wrong with a finished video's input and was handled (a VideoResult or JobResult)."""
+    warnings = []
     if result.corrupt_packets:
-        notes.append(f"{result.corrupt_packets} corrupt packets concealed")
+        warnings.append(f"{result.corrupt_packets} corrupt packets concealed")
+    if result.retimed_frames:
+        warnings.append(f"{result.retimed_frames} repeated timestamps moved one tick")
+    return warnings
+
+
+def _notes(result) -> list[str]:
+    """What a person should know about a finished video: the warnings, then what was saved."""
+    notes = _warnings(result)
     if result.reused_frames:
         notes.append(f"{result.reused_frames} unchanged frames reused")
-    if result.retimed_frames:
-        notes.append(f"{result.retimed_frames} repeated timestamps moved one tick")
     if result.resumed_frames:
         notes.append(f"{result.resumed_frames} frames resumed from an earlier run")
     return notes
 
 
 def _log_warnings(log: EventLog | None, result, **where) -> None:
-    # Reused and resumed frames are not something that went wrong with the input.
-    for note in _notes(result):
-        if log is not None and "reused" not in note and "resumed" not in note:
-            log.write("warning", message=note, **where)
+    if log is not None:
+        for warning in _warnings(result):
+            log.write("warning", message=warning, **where)
 
 
 def _progress(args: argparse.Namespace, log: EventLog | None, **where):
