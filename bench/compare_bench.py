@@ -7,7 +7,8 @@ For each model, in fresh processes one after another:
               runs (decode, tensor, model, clamp/round, encode ffv1)
   (d) ncnn    the `ncnn` package on the CPU with the original .param/.bin (the engine under
               realesrgan-ncnn-vulkan and video2x), per frame, same decode/encode
-fps, ratios to vidscale (reuse off), peak RSS of each process, and vidscale's reuse rate.
+fps, ratios to vidscale (reuse off), peak RSS of each process, and vidscale's reuse rate. Every fps
+is counted from the first frame: loading a model and compiling it are once-per-run costs.
 
     python bench/compare_bench.py [--clip PATH] [--frames 24] [--models ...] [--precision bf16]
 """
@@ -58,7 +59,6 @@ class _Ffv1:
 def child(kind: str, model: str, clip: str, precision: str, cache: str) -> dict:
     from vidscale.models import resolve
 
-    started = time.perf_counter()
     frames = reused = 0
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "out.mkv"
@@ -70,7 +70,8 @@ def child(kind: str, model: str, clip: str, precision: str, cache: str) -> dict:
             settings = UpscaleSettings(model=model, precision=precision, cache_dir=Path(cache),
                                        dedup=DEFAULT_DEDUP if kind == "vidscale+reuse" else None)
             result = upscale_video(clip, out, settings, EncoderSettings(codec="ffv1"))
-            frames, reused, seconds = result.frames, result.reused_frames, result.seconds
+            frames, reused = result.frames, result.reused_frames
+            seconds = result.seconds - result.setup_seconds
         elif kind == "bare":
             from vidscale.config import UpscaleSettings
             from vidscale.pipeline import FrameUpscaler
@@ -92,7 +93,7 @@ def child(kind: str, model: str, clip: str, precision: str, cache: str) -> dict:
 
             torch.set_num_threads(os.cpu_count() or 1)
             module = resolve(model).module()
-            writer = None
+            writer, started = None, time.perf_counter()
             with torch.no_grad():
                 for rgb in frames_of(clip):
                     x = torch.from_numpy(rgb).permute(2, 0, 1)[None].float() / 255
@@ -113,7 +114,7 @@ def child(kind: str, model: str, clip: str, precision: str, cache: str) -> dict:
             net.opt.use_vulkan_compute = False
             net.load_param(str(param))
             net.load_model(str(weights))
-            writer = None
+            writer, started = None, time.perf_counter()
             for rgb in frames_of(clip):
                 extractor = net.create_extractor()
                 chw = np.ascontiguousarray(rgb.transpose(2, 0, 1), dtype=np.float32) / 255

@@ -5,7 +5,9 @@ run: the bare compiled model kept busy with every tile of N frames (the limit), 
 pipeline (decode, tile, infer, stitch, encode, mux with audio) with a fast encoder (ffv1) and with
 the default encoder (libx264 crf 18 preset slow), both with duplicate-frame reuse off, so that
 ratio = pipeline fps / bare fps is the pipeline's efficiency; then ffv1 with reuse at its default
-threshold, whose ratio shows what reuse adds. Each process reports its own peak RSS.
+threshold, whose ratio shows what reuse adds. Each process reports its own peak RSS. Pipeline fps
+is counted from the first frame (VideoResult.steady_fps), as the bare model's is from its first
+timed request: loading and compiling once per run is reported apart, as "setup".
 
     python bench/pipeline_bench.py [--clip ../shared/media/realesrgan_onepiece_demo.mp4] [--seconds 30]
 """
@@ -89,7 +91,8 @@ def child_pipeline(model: str, precision: str, clip: str, encoder: dict, cache: 
     settings = UpscaleSettings(model=model, precision=precision, cache_dir=Path(cache), dedup=dedup)
     with tempfile.TemporaryDirectory() as tmp:
         result = upscale_video(clip, Path(tmp) / "out.mkv", settings, EncoderSettings(**encoder))
-    return {"fps": result.fps, "frames": result.frames, "reused": result.reused_frames, "rss_mb": _rss_mb()}
+    return {"fps": result.steady_fps, "frames": result.frames, "reused": result.reused_frames,
+            "setup": result.setup_seconds, "rss_mb": _rss_mb()}
 
 
 def _rss_mb() -> float:
@@ -135,16 +138,18 @@ def main() -> None:
                 clip = cut(args.clip, frames, Path(tmp) / f"cut{frames}.mkv")
                 bare = in_child("bare", model=model, precision=precision, height=height, width=width,
                                 frames=frames, cache=cache)
-                cells, reuse = [], ""
+                cells, reuse, setup = [], "", []
                 for _, encoder, dedup in RUNS:
                     run = in_child("pipeline", model=model, precision=precision, clip=str(clip),
                                    encoder=encoder, cache=cache, dedup=dedup)
                     cells.append(f"{run['fps']:16.3f} {run['fps'] / bare['fps']:5.2f} {run['rss_mb']:6.0f}")
+                    setup.append(f"{run['setup']:.1f}")
                     if dedup is not None:
                         reuse = f", reused {run['reused']}/{run['frames']}"
                 print(f"{model:27} {precision:>4} {bare['tiles']:>5} {bare['fps']:8.3f} | " + " | ".join(cells)
                       + f"   ({frames} frames, tile {bare['tile'][0]}x{bare['tile'][1]}, "
-                        f"{bare['requests']} requests, bare RSS {bare['rss_mb']:.0f} MB{reuse})", flush=True)
+                        f"{bare['requests']} requests, bare RSS {bare['rss_mb']:.0f} MB{reuse}, "
+                        f"setup {'/'.join(setup)} s)", flush=True)
 
 
 if __name__ == "__main__":

@@ -168,10 +168,19 @@ class VideoResult:
     """Frames that matched the last inferred frame and reused its output (see frames_match)."""
     resumed_frames: int = 0
     """Frames of segments an earlier, stopped run had completed, taken as they were."""
+    setup_seconds: float = 0.0
+    """Part of `seconds` spent before the first frame: loading, converting and compiling the model,
+    opening input and output. Per run, not per frame, so a long video hides it."""
 
     @property
     def fps(self) -> float:
         return self.frames / self.seconds if self.seconds > 0 else 0.0
+
+    @property
+    def steady_fps(self) -> float:
+        """Frames per second once set up: what a long video runs at."""
+        working = self.seconds - self.setup_seconds
+        return self.frames / working if working > 0 else 0.0
 
 
 class _Run:
@@ -330,6 +339,7 @@ def upscale_video(source, destination, settings: UpscaleSettings = UpscaleSettin
                                         model, progress, settings.dedup, resume, started, strict)
         with VideoWriter(destination, reader, out_w, out_h, encoder) as writer:
             progress.start(reader.expected_frames, reader.label)
+            ready = time.monotonic()
             try:
                 decoded, reused = _run_stages(reader, writer, plan, model, progress, settings.dedup)
             finally:
@@ -339,7 +349,7 @@ def upscale_video(source, destination, settings: UpscaleSettings = UpscaleSettin
                                  f"the output is incomplete and was not kept")
         return VideoResult(output=str(destination), frames=decoded, seconds=time.monotonic() - started,
                            corrupt_packets=reader.corrupt_packets, retimed_frames=writer.retimed_frames,
-                           reused_frames=reused)
+                           reused_frames=reused, setup_seconds=ready - started)
 
 
 def _is_file(source) -> bool:
@@ -362,6 +372,7 @@ def _upscale_in_segments(reader: VideoReader, source, destination: Path, encoder
         with SegmentSink(work, lambda path, after: VideoWriter(path, reader, out_w, out_h, encoder,
                                                                segment=True, after=after)) as sink:
             progress.start(reader.expected_frames, reader.label)
+            ready = time.monotonic()
             try:
                 decoded, reused = _run_stages(reader, sink, plan, model, progress, dedup, cutter)
             finally:
@@ -373,7 +384,7 @@ def _upscale_in_segments(reader: VideoReader, source, destination: Path, encoder
     work.remove()
     return VideoResult(output=str(destination), frames=decoded, seconds=time.monotonic() - started,
                        corrupt_packets=reader.corrupt_packets, retimed_frames=sink.retimed_frames,
-                       reused_frames=reused, resumed_frames=sink.resumed_frames)
+                       reused_frames=reused, resumed_frames=sink.resumed_frames, setup_seconds=ready - started)
 
 
 def _run_stages(reader: VideoReader, writer: VideoWriter | SegmentSink, plan: TilePlan, model: Upscaler,
