@@ -99,6 +99,10 @@ def _rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
+def _faster(best: dict | None, run: dict) -> dict:
+    return run if best is None or run["fps"] > best["fps"] else best
+
+
 def in_child(kind: str, **kwargs) -> dict:
     done = subprocess.run([sys.executable, __file__, "--child", json.dumps({"kind": kind, **kwargs})],
                           capture_output=True, text=True, check=True)
@@ -112,6 +116,7 @@ def main() -> None:
     parser.add_argument("--models", nargs="*", default=MODELS)
     parser.add_argument("--precisions", nargs="*", default=["f32", "bf16"])
     parser.add_argument("--cache-dir", default=None, help="IR cache (default: a fresh temporary one)")
+    parser.add_argument("--rounds", type=int, default=2, help="repeat every measurement; the best counts")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
@@ -124,7 +129,8 @@ def main() -> None:
     with av.open(str(args.clip)) as container:
         stream = container.streams.video[0]
         height, width, total = stream.height, stream.width, stream.frames
-    print(f"clip: {args.clip.name} {width}x{height}, {total} frames; each pipeline run ~{args.seconds:.0f} s")
+    print(f"clip: {args.clip.name} {width}x{height}, {total} frames; each pipeline run ~{args.seconds:.0f} s, "
+          f"best of {args.rounds} rounds")
     header = (f"{'model':27} {'prec':>4} {'tiles':>5} {'bare fps':>8} | "
               + " | ".join(f"{name + ' fps':>16} {'ratio':>5} {'RSS MB':>6}" for name, _, _ in RUNS))
     print(header)
@@ -136,12 +142,18 @@ def main() -> None:
                                  frames=2, cache=cache)
                 frames = int(min(total, max(8, probe["fps"] * args.seconds)))
                 clip = cut(args.clip, frames, Path(tmp) / f"cut{frames}.mkv")
-                bare = in_child("bare", model=model, precision=precision, height=height, width=width,
-                                frames=frames, cache=cache)
+                # Rounds of the whole sequence, best of each column: other load on a shared host
+                # only ever slows a run down, so the fastest of a few is the least disturbed.
+                bare, runs = None, [None] * len(RUNS)
+                for _ in range(args.rounds):
+                    bare = _faster(bare, in_child("bare", model=model, precision=precision, height=height,
+                                                  width=width, frames=frames, cache=cache))
+                    for index, (_, encoder, dedup) in enumerate(RUNS):
+                        runs[index] = _faster(runs[index], in_child(
+                            "pipeline", model=model, precision=precision, clip=str(clip), encoder=encoder,
+                            cache=cache, dedup=dedup))
                 cells, reuse, setup = [], "", []
-                for _, encoder, dedup in RUNS:
-                    run = in_child("pipeline", model=model, precision=precision, clip=str(clip),
-                                   encoder=encoder, cache=cache, dedup=dedup)
+                for run, (_, _, dedup) in zip(runs, RUNS):
                     cells.append(f"{run['fps']:16.3f} {run['fps'] / bare['fps']:5.2f} {run['rss_mb']:6.0f}")
                     setup.append(f"{run['setup']:.1f}")
                     if dedup is not None:
