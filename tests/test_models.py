@@ -2,7 +2,6 @@
 that refuse bad or unsafe files with a message instead of a traceback (or worse, running them)."""
 
 import hashlib
-import os
 import shutil
 from pathlib import Path
 
