@@ -63,6 +63,16 @@ def _seconds(text: str) -> float:
     return seconds
 
 
+def _cpus(text: str) -> int:
+    try:
+        cpus = int(text)
+    except ValueError:
+        cpus = 0
+    if cpus < 1:
+        raise argparse.ArgumentTypeError(f"--ray-cpus {text!r} is not a whole number of CPUs")
+    return cpus
+
+
 def _key_value(text: str) -> tuple[str, str]:
     key, sep, value = text.partition("=")
     if not sep or not key:
@@ -153,6 +163,13 @@ def build_parser() -> argparse.ArgumentParser:
                                           "(default: {stem}.upscaled.mkv)")
     batch.add_argument("--report", type=Path, help="write a JSON report of every job here")
     batch.add_argument("--overwrite", action="store_true", help="replace outputs not made by an earlier run")
+    batch.add_argument("--ray", nargs="?", const="local", metavar="ADDRESS",
+                       help="run the jobs as Ray tasks: with no ADDRESS on a Ray instance started here, "
+                            "with auto or HOST:PORT on a running cluster whose machines all see the inputs "
+                            "and outputs under the same paths (needs pip install 'vidscale[ray]'; put a "
+                            "bare --ray after the inputs)")
+    batch.add_argument("--ray-cpus", type=_cpus, metavar="N",
+                       help="with --ray: CPUs each job claims (default: all of the smallest machine's)")
     _engine_options(batch, DEFAULT_VIDEO_MODEL)
     _video_options(batch)
     # Settings given on the command line replace a job file's [defaults]; those not given must
@@ -260,13 +277,18 @@ def run_upscale(args: argparse.Namespace, log: EventLog | None) -> int:
 
 
 def run_batch(args: argparse.Namespace, log: EventLog | None) -> int:
-    from .jobs import BatchInterrupted, jobs_from_file, jobs_from_inputs, run_jobs
+    from .jobs import BatchInterrupted, jobs_from_file, jobs_from_inputs, ray_options, run_jobs
 
     values = {key: getattr(args, key) for key in _BATCH_SETTINGS if hasattr(args, key)}
     if "encoder_option" in values:
         values["options"] = dict(values.pop("encoder_option"))
+    if args.ray is not None and Path(args.ray).exists():
+        raise UsageError(f"--ray took {args.ray} for a cluster address; put a bare --ray after the inputs")
+    ray_address, ray_cpus = args.ray, args.ray_cpus
     if len(args.inputs) == 1 and args.inputs[0].endswith(".toml"):
         jobs = jobs_from_file(Path(args.inputs[0]), args.output_dir, values, args.cache_dir)
+        file_address, file_cpus = ray_options(Path(args.inputs[0]))
+        ray_address, ray_cpus = ray_address or file_address, ray_cpus or file_cpus
     else:
         if args.output_dir is None:
             raise UsageError("give --output-dir for the outputs (or run a TOML job file)")
@@ -292,10 +314,20 @@ def run_batch(args: argparse.Namespace, log: EventLog | None) -> int:
             text = f"failed: {result.error}"
         print(f"{result.input}: {text}", file=sys.stderr)
 
+    if ray_cpus is not None and ray_address is None:
+        raise UsageError("--ray-cpus (ray_cpus) only counts with --ray (ray in a job file); add one or drop it")
     try:
-        report = run_jobs(jobs, overwrite=args.overwrite, segment_seconds=args.segment_seconds,
-                          on_start=on_start, on_result=on_result,
-                          progress=lambda job: _progress(args, log, input=str(job.source)))
+        if ray_address is None:
+            report = run_jobs(jobs, overwrite=args.overwrite, segment_seconds=args.segment_seconds,
+                              on_start=on_start, on_result=on_result,
+                              progress=lambda job: _progress(args, log, input=str(job.source)))
+        else:
+            # Jobs run in Ray's worker processes: no progress bar here, one line per job as it ends.
+            from .distributed import run_jobs_on_ray
+
+            report = run_jobs_on_ray(jobs, address=ray_address, cpus=ray_cpus, overwrite=args.overwrite,
+                                     segment_seconds=args.segment_seconds, on_start=on_start,
+                                     on_result=on_result)
     except BatchInterrupted as stopped:
         _finish_batch(args, stopped.report, log)
         raise stopped.cause from None

@@ -6,6 +6,8 @@ A job file (TOML):
 
     output_dir = "upscaled"            # relative to the job file; --output-dir replaces it
     template = "{stem}.x2.mkv"         # fields: {stem}, {name}, {parent} of each input
+    ray = "auto"                       # optional: run on a Ray cluster (see distributed.py);
+    ray_cpus = 8                       # optional: CPUs each job claims there; --ray, --ray-cpus win
 
     [defaults]                         # settings for every job; any key may also sit in a job
     model = "realesr-animevideov3"
@@ -149,17 +151,8 @@ def jobs_from_inputs(inputs: list[str], output_dir: Path, template: str | None, 
 
 def jobs_from_file(path: Path, output_dir: Path | None, values: dict, cache_dir: Path | None) -> list[Job]:
     """Jobs of a TOML job file; `values` (the command line's settings) replace its [defaults]."""
-    try:
-        document = tomllib.loads(path.read_text())
-    except FileNotFoundError:
-        raise UsageError(f"job file {path} does not exist; check the path") from None
-    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
-        raise UsageError(f"job file {path} cannot be read ({exc}); fix it and run again") from None
+    document = _read_job_file(path)
     base = path.parent
-    unknown = sorted(set(document) - {"output_dir", "template", "defaults", "job"})
-    if unknown:
-        raise UsageError(f"{path}: unknown key {', '.join(unknown)}; "
-                         f"use output_dir, template, [defaults] and [[job]]")
     defaults = {**document.get("defaults", {}), **values}
     top_dir = output_dir or (base / document["output_dir"] if "output_dir" in document else None)
     entries = document.get("job", [])
@@ -182,6 +175,31 @@ def jobs_from_file(path: Path, output_dir: Path | None, values: dict, cache_dir:
         jobs += [Job(source, output_for(source, job_dir, template), settings, encoder, strict)
                  for pattern in inputs for source in expand_inputs(pattern, base)]
     return _checked(jobs)
+
+
+def ray_options(path: Path) -> tuple[str | None, int | None]:
+    """A job file's `ray` (an address, "auto" or "local") and `ray_cpus` (CPUs per job), or None."""
+    document = _read_job_file(path)
+    address, cpus = document.get("ray"), document.get("ray_cpus")
+    if address is not None and not (isinstance(address, str) and address):
+        raise UsageError(f'{path}: ray = {address!r} is not valid; use "local", "auto" or "HOST:PORT"')
+    if cpus is not None and not (isinstance(cpus, int) and not isinstance(cpus, bool) and cpus > 0):
+        raise UsageError(f"{path}: ray_cpus = {cpus!r} is not valid; use a whole number of CPUs per job")
+    return address, cpus
+
+
+def _read_job_file(path: Path) -> dict:
+    try:
+        document = tomllib.loads(path.read_text())
+    except FileNotFoundError:
+        raise UsageError(f"job file {path} does not exist; check the path") from None
+    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
+        raise UsageError(f"job file {path} cannot be read ({exc}); fix it and run again") from None
+    unknown = sorted(set(document) - {"output_dir", "template", "defaults", "job", "ray", "ray_cpus"})
+    if unknown:
+        raise UsageError(f"{path}: unknown key {', '.join(unknown)}; "
+                         f"use output_dir, template, ray, ray_cpus, [defaults] and [[job]]")
+    return document
 
 
 def _checked(jobs: list[Job]) -> list[Job]:
@@ -212,11 +230,13 @@ def fingerprint(path: Path) -> dict:
 
 
 def settings_digest(job: Job) -> str:
-    """Everything that changes the output's content. A model given as a file counts by content."""
+    """Everything that changes the output's content. A model or calibration given as a file counts
+    by content, not by path (a Ray run names them by absolute path, a local one maybe not)."""
     settings = dataclasses.asdict(replace(job.settings, cache_dir=None))
-    model = Path(job.settings.model)
-    if model.is_file():
-        settings["model"] = fingerprint(model)["sha256_ends"]
+    for key in ("model", "calibration"):
+        path = getattr(job.settings, key)
+        if path is not None and Path(path).is_file():
+            settings[key] = fingerprint(Path(path))["sha256_ends"]
     record = {"settings": settings, "encoder": dataclasses.asdict(job.encoder), "strict": job.strict}
     return hashlib.sha256(json.dumps(record, sort_keys=True, default=str).encode()).hexdigest()
 
@@ -306,7 +326,12 @@ def run_jobs(jobs: list[Job], *, overwrite: bool = False, segment_seconds: float
             result = JobResult(str(job.source), str(job.output), "skipped")
         else:
             on_start(job)
-            result = _run_one(job, overwrite, segment_seconds, progress(job), report, started)
+            try:
+                result = run_job(job, overwrite, segment_seconds, progress(job))
+            except KeyboardInterrupt as exc:
+                report.results.append(interrupted_result(job))
+                report.seconds, report.interrupted = time.monotonic() - started, True
+                raise BatchInterrupted(report, exc) from exc
         report.results.append(result)
         on_result(job, result)
     report.seconds = time.monotonic() - started
@@ -321,8 +346,14 @@ class BatchInterrupted(KeyboardInterrupt):
         self.report, self.cause = report, cause
 
 
-def _run_one(job: Job, overwrite: bool, segment_seconds: float, progress, report: BatchReport,
-             started: float) -> JobResult:
+def interrupted_result(job: Job) -> JobResult:
+    return JobResult(str(job.source), str(job.output), "failed", error="interrupted")
+
+
+def run_job(job: Job, overwrite: bool, segment_seconds: float, progress=None) -> JobResult:
+    """One job, wherever it runs (here, or in a Ray worker). Every failure becomes a failed
+    JobResult, never an exception, so that Ray does not retry what retrying cannot fix; only
+    KeyboardInterrupt goes through (the job's temporary output is gone, its segments kept)."""
     try:
         # A template may put outputs in folders of their own ({parent}/...).
         job.output.parent.mkdir(parents=True, exist_ok=True)
@@ -332,10 +363,6 @@ def _run_one(job: Job, overwrite: bool, segment_seconds: float, progress, report
                                overwrite=overwrite, progress=progress,
                                resume=resume_for(job, segment_seconds))
         write_sidecar(job, result.frames)
-    except KeyboardInterrupt as exc:
-        report.results.append(JobResult(str(job.source), str(job.output), "failed", error="interrupted"))
-        report.seconds, report.interrupted = time.monotonic() - started, True
-        raise BatchInterrupted(report, exc) from exc
     except VidscaleError as exc:
         return JobResult(str(job.source), str(job.output), "failed", error=str(exc))
     except OSError as exc:
