@@ -16,11 +16,7 @@ is counted from the first frame: loading a model and compiling it are once-per-r
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import resource
-import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -28,7 +24,7 @@ from pathlib import Path
 import av
 import numpy as np
 
-from pipeline_bench import DEFAULT_CLIP, cut
+from common import DEFAULT_CLIP, cut, peak_rss_mb, run_child, serve_child
 
 MODELS = ["realesr-animevideov3", "RealESRGAN_x4plus_anime_6B"]
 
@@ -127,7 +123,7 @@ def child(kind: str, model: str, clip: str, precision: str, cache: str) -> dict:
             writer.close()
             seconds = time.perf_counter() - started
     return {"fps": frames / seconds, "frames": frames, "reused": reused,
-            "rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+            "rss_mb": peak_rss_mb()}
 
 
 def main() -> None:
@@ -140,7 +136,7 @@ def main() -> None:
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
-        print(json.dumps(child(**json.loads(args.child))))
+        serve_child(args.child, child)
         return
 
     cache = args.cache_dir or tempfile.mkdtemp(prefix="vidscale-bench-")
@@ -154,9 +150,7 @@ def main() -> None:
             results = {}
             for kind in kinds:
                 job = {"kind": kind, "model": model, "clip": clip, "precision": args.precision, "cache": cache}
-                done = subprocess.run([sys.executable, __file__, "--child", json.dumps(job)],
-                                      capture_output=True, text=True, check=True)
-                results[kind] = json.loads(done.stdout.strip().splitlines()[-1])
+                results[kind] = run_child(__file__, job)
             base = results["vidscale"]["fps"]
             cells = " ".join(f"{results[k]['fps']:8.3f} ({results[k]['fps'] / base:5.2f}x)" for k in kinds)
             rss = "/".join(f"{results[k]['rss_mb']:.0f}" for k in kinds)

@@ -10,16 +10,14 @@ prints both peaks and their ratio.
 from __future__ import annotations
 
 import argparse
-import json
-import resource
-import subprocess
-import sys
 import tempfile
 from fractions import Fraction
 from pathlib import Path
 
 import av
 import numpy as np
+
+from common import peak_rss_mb, run_child, serve_child
 
 
 def synthetic_clip(path: Path, frames: int) -> Path:
@@ -53,7 +51,7 @@ def child(clip: str, cache: str) -> dict:
         result = upscale_video(clip, Path(tmp) / "out.mkv", settings,
                                EncoderSettings(codec="libx264", preset="ultrafast"))
     return {"frames": result.frames, "fps": result.fps,
-            "rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+            "rss_mb": peak_rss_mb()}
 
 
 def main() -> None:
@@ -63,16 +61,14 @@ def main() -> None:
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
-        print(json.dumps(child(**json.loads(args.child))))
+        serve_child(args.child, child)
         return
     cache = args.cache_dir or tempfile.mkdtemp(prefix="vidscale-bench-")
     peaks = []
     with tempfile.TemporaryDirectory() as tmp:
         for frames in args.frames:
             clip = synthetic_clip(Path(tmp) / f"clip{frames}.mkv", frames)
-            done = subprocess.run([sys.executable, __file__, "--child", json.dumps({"clip": str(clip), "cache": cache})],
-                                  capture_output=True, text=True, check=True)
-            run = json.loads(done.stdout.strip().splitlines()[-1])
+            run = run_child(__file__, {"clip": str(clip), "cache": cache})
             peaks.append(run["rss_mb"])
             print(f"{run['frames']:6d} frames  {run['fps']:7.2f} fps  peak RSS {run['rss_mb']:7.1f} MB", flush=True)
     print(f"peak RSS ratio, longest / shortest: {peaks[-1] / peaks[0]:.3f}")

@@ -15,10 +15,6 @@ timed request: loading and compiling once per run is reported apart, as "setup".
 from __future__ import annotations
 
 import argparse
-import json
-import resource
-import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -26,40 +22,14 @@ from pathlib import Path
 import av
 import numpy as np
 
+from common import DEFAULT_CLIP, cut, peak_rss_mb, run_child, serve_child
 from vidscale.config import DEFAULT_DEDUP
 
-DEFAULT_CLIP = Path(__file__).resolve().parents[2] / "shared" / "media" / "realesrgan_onepiece_demo.mp4"
 MODELS = ["realesr-animevideov3", "RealESRGAN_x4plus_anime_6B"]
 # (column, encoder settings, dedup): efficiency is measured with reuse off, so that the pipeline
 # does exactly the bare model's work; the last column shows what reuse adds on top.
 RUNS = [("ffv1", {"codec": "ffv1"}, None), ("x264 default", {"codec": "libx264"}, None),
         ("ffv1 + reuse", {"codec": "ffv1"}, DEFAULT_DEDUP)]
-
-
-def cut(clip: Path, frames: int, target: Path) -> Path:
-    """The first `frames` frames of `clip` (lossless ffv1) with the audio of the same span copied."""
-    with av.open(str(clip)) as src, av.open(str(target), "w") as dst:
-        video_in = src.streams.video[0]
-        video = dst.add_stream("ffv1", rate=video_in.average_rate)
-        video.width, video.height, video.pix_fmt = video_in.width, video_in.height, "yuv420p"
-        video.time_base = video.codec_context.time_base = video_in.time_base
-        audio_in = src.streams.audio[0] if src.streams.audio else None
-        audio = dst.add_stream_from_template(audio_in) if audio_in else None
-        written, end = 0, None
-        for packet in src.demux():
-            if packet.stream is audio_in:
-                if packet.size and packet.pts is not None and (end is None or packet.pts * packet.time_base < end):
-                    packet.stream = audio
-                    dst.mux(packet)
-                continue
-            for frame in packet.decode():
-                if written < frames:
-                    dst.mux(video.encode(frame))
-                    written += 1
-                    if written == frames:
-                        end = (frame.pts + 1) * frame.time_base
-        dst.mux(video.encode())
-    return target
 
 
 def child_bare(model: str, precision: str, height: int, width: int, frames: int, cache: str) -> dict:
@@ -80,7 +50,7 @@ def child_bare(model: str, precision: str, height: int, width: int, frames: int,
     queue.wait_all()
     seconds = time.perf_counter() - started
     return {"fps": frames / seconds, "tiles": len(plan), "tile": list(plan.tile_shape),
-            "requests": compiled.requests, "rss_mb": _rss_mb()}
+            "requests": compiled.requests, "rss_mb": peak_rss_mb()}
 
 
 def child_pipeline(model: str, precision: str, clip: str, encoder: dict, cache: str, dedup: float | None) -> dict:
@@ -92,11 +62,7 @@ def child_pipeline(model: str, precision: str, clip: str, encoder: dict, cache: 
     with tempfile.TemporaryDirectory() as tmp:
         result = upscale_video(clip, Path(tmp) / "out.mkv", settings, EncoderSettings(**encoder))
     return {"fps": result.steady_fps, "frames": result.frames, "reused": result.reused_frames,
-            "setup": result.setup_seconds, "rss_mb": _rss_mb()}
-
-
-def _rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+            "setup": result.setup_seconds, "rss_mb": peak_rss_mb()}
 
 
 def _faster(best: dict | None, run: dict) -> dict:
@@ -104,9 +70,7 @@ def _faster(best: dict | None, run: dict) -> dict:
 
 
 def in_child(kind: str, **kwargs) -> dict:
-    done = subprocess.run([sys.executable, __file__, "--child", json.dumps({"kind": kind, **kwargs})],
-                          capture_output=True, text=True, check=True)
-    return json.loads(done.stdout.strip().splitlines()[-1])
+    return run_child(__file__, {"kind": kind, **kwargs})
 
 
 def main() -> None:
@@ -120,9 +84,7 @@ def main() -> None:
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
-        job = json.loads(args.child)
-        kind = job.pop("kind")
-        print(json.dumps((child_bare if kind == "bare" else child_pipeline)(**job)))
+        serve_child(args.child, lambda kind, **job: (child_bare if kind == "bare" else child_pipeline)(**job))
         return
 
     cache = args.cache_dir or tempfile.mkdtemp(prefix="vidscale-bench-")

@@ -1,0 +1,59 @@
+"""What the benchmark scripts share: the demo clip, cutting it short, and measuring in fresh processes.
+
+Every measurement runs in a process of its own, one after another, so that each reports its own
+peak RSS and none inherits another's caches or threads.
+"""
+
+from __future__ import annotations
+
+import json
+import resource
+import subprocess
+import sys
+from pathlib import Path
+
+import av
+
+DEFAULT_CLIP = Path(__file__).resolve().parents[2] / "shared" / "media" / "realesrgan_onepiece_demo.mp4"
+
+
+def cut(clip: Path, frames: int, target: Path) -> Path:
+    """The first `frames` frames of `clip` (lossless ffv1) with the audio of the same span copied."""
+    with av.open(str(clip)) as src, av.open(str(target), "w") as dst:
+        video_in = src.streams.video[0]
+        video = dst.add_stream("ffv1", rate=video_in.average_rate)
+        video.width, video.height, video.pix_fmt = video_in.width, video_in.height, "yuv420p"
+        video.time_base = video.codec_context.time_base = video_in.time_base
+        audio_in = src.streams.audio[0] if src.streams.audio else None
+        audio = dst.add_stream_from_template(audio_in) if audio_in else None
+        written, end = 0, None
+        for packet in src.demux():
+            if packet.stream is audio_in:
+                if packet.size and packet.pts is not None and (end is None or packet.pts * packet.time_base < end):
+                    packet.stream = audio
+                    dst.mux(packet)
+                continue
+            for frame in packet.decode():
+                if written < frames:
+                    dst.mux(video.encode(frame))
+                    written += 1
+                    if written == frames:
+                        end = (frame.pts + 1) * frame.time_base
+        dst.mux(video.encode())
+    return target
+
+
+def peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def run_child(script: str, job: dict) -> dict:
+    """Run `script --child JOB` in a fresh Python and return the JSON its last line printed."""
+    done = subprocess.run([sys.executable, script, "--child", json.dumps(job)], capture_output=True, text=True,
+                          check=True)
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def serve_child(job: str, child) -> None:
+    """The child side of run_child: call `child` with the job's fields and print its result."""
+    print(json.dumps(child(**json.loads(job))))
