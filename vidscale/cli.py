@@ -53,24 +53,22 @@ def _dedup(text: str) -> float | None:
     return threshold
 
 
-def _seconds(text: str) -> float:
-    try:
-        seconds = float(text)
-    except ValueError:
-        seconds = 0.0
-    if not seconds > 0:
-        raise argparse.ArgumentTypeError(f"--segment-seconds {text!r} is not a positive number")
-    return seconds
+def _positive(convert, option: str, what: str):
+    """An argparse type: `convert(text)`, which must come out above zero."""
+    def parse(text: str):
+        try:
+            value = convert(text)
+        except ValueError:
+            value = 0
+        if not value > 0:
+            raise argparse.ArgumentTypeError(f"{option} {text!r} is not {what}")
+        return value
+
+    return parse
 
 
-def _cpus(text: str) -> int:
-    try:
-        cpus = int(text)
-    except ValueError:
-        cpus = 0
-    if cpus < 1:
-        raise argparse.ArgumentTypeError(f"--ray-cpus {text!r} is not a whole number of CPUs")
-    return cpus
+_seconds = _positive(float, "--segment-seconds", "a positive number")
+_cpus = _positive(int, "--ray-cpus", "a whole number of CPUs")
 
 
 def _key_value(text: str) -> tuple[str, str]:
