@@ -18,7 +18,7 @@ from .media import (EncoderSettings, VideoFrame, VideoReader, VideoWriter, check
                     join_segments, output_pix_fmt, read_image)
 from .models import LoadedModel, resolve
 from .segments import Cutter, Resume, SegmentSink, WorkDir
-from .tiling import TilePlan, choose_tile, plan_tiles, split, stitch
+from .tiling import TilePlan, choose_tile, plan_tiles, round_up, split, stitch
 from .tuning import tuned
 
 _SAMPLES = {np.dtype(np.uint8): "u8", np.dtype(np.uint16): "u16"}
@@ -103,7 +103,7 @@ class FrameUpscaler:
                     tile = choose_tile(height, width, max_pixels=max_pixels, multiple=multiple,
                                        overlap=self.settings.overlap)
             else:
-                tile = tuple(-(-t // multiple) * multiple for t in tile)
+                tile = tuple(round_up(t, multiple) for t in tile)
             try:
                 plan = plan_tiles(height, width, tile, overlap=self.settings.overlap, scale=self.scale,
                                   multiple=multiple)
@@ -315,11 +315,9 @@ def upscale_video(source, destination, settings: UpscaleSettings = UpscaleSettin
         raise UsageError("only a file can be upscaled resumably (into a file): a pipe cannot be read "
                          "again after a stop; drop --resume or give file paths")
     if destination != "-":
-        named_source = isinstance(source, (str, os.PathLike)) and source != "-"
-        check_output(Path(destination), [Path(source)] if named_source else [], overwrite)
+        check_output(Path(destination), [Path(source)] if _is_file(source) else [], overwrite)
     calibration = evaluation = None
-    named_input = isinstance(source, (str, os.PathLike)) and source != "-"
-    if settings.precision == "int8" and named_input:
+    if settings.precision == "int8" and _is_file(source):
         # The gate judges INT8 on the input itself, whatever it was calibrated on. A pipe cannot be
         # read twice: it gets the --calibration file or the bundled set, judged on itself.
         evaluation = calibration_frames(source)
@@ -353,6 +351,7 @@ def upscale_video(source, destination, settings: UpscaleSettings = UpscaleSettin
 
 
 def _is_file(source) -> bool:
+    """A named file rather than stdin ("-") or an open file object."""
     return isinstance(source, (str, os.PathLike)) and source != "-"
 
 

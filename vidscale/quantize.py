@@ -25,6 +25,7 @@ import openvino as ov
 
 from .engine import Engine, core
 from .errors import EngineError, UsageError
+from .tiling import round_up
 
 # PSNR (dB) of the INT8 model's u8 output against f32's on the gate's crops, all crops pooled
 # into one mean squared error. 40 dB is an RMS error of 2.5 levels in 255: invisible on anime.
@@ -85,7 +86,7 @@ def calibration_crops(frames: Sequence[np.ndarray], multiple: int, side: int = C
                              f"got {frame.shape} {frame.dtype}")
     # The gate measures u8 output, so deep frames (16-bit PNG, 10-bit video) calibrate at 8 bits.
     frames = [(f >> 8).astype(np.uint8) if f.dtype == np.uint16 else f for f in frames]
-    side = -(-side // multiple) * multiple
+    side = round_up(side, multiple)
     rng = np.random.default_rng(0)
     crops = np.empty((count, side, side, 3), np.uint8)
     for index in range(count):

@@ -23,7 +23,9 @@ __all__ = [
     "Tile",
     "TilePlan",
     "choose_tile",
+    "parse_tile",
     "plan_tiles",
+    "round_up",
     "split",
     "stitch",
 ]
@@ -129,7 +131,8 @@ def parse_tile(value) -> tuple[int, int] | None:
     return parts[0], parts[1]
 
 
-def _round_up(value: int, multiple: int) -> int:
+def round_up(value: int, multiple: int) -> int:
+    """The smallest multiple of `multiple` that is >= value."""
     return -(-value // multiple) * multiple
 
 
@@ -144,7 +147,7 @@ def _check_int(name: str, value: object, minimum: int) -> int:
 
 def _axis_tile(size: int, requested: int, multiple: int) -> int:
     """The tile length along one axis: the requested one, or the whole axis when it fits."""
-    return _round_up(size, multiple) if size <= requested else requested
+    return round_up(size, multiple) if size <= requested else requested
 
 
 def _axis_count(size: int, tile: int, overlap: int) -> int:
@@ -327,8 +330,8 @@ def choose_tile(
     multiple = _check_int("multiple", multiple, 1)
     overlap = _check_int("overlap", overlap, 0)
 
-    whole_h = _round_up(height, multiple)
-    whole_w = _round_up(width, multiple)
+    whole_h = round_up(height, multiple)
+    whole_w = round_up(width, multiple)
     if whole_h * whole_w <= max_pixels:
         return whole_h, whole_w
 
@@ -336,7 +339,7 @@ def choose_tile(
     seen_h = set()
     for k_h in range(1, height + 1):
         part_h = -(-height // k_h)
-        tile_h = whole_h if k_h == 1 else min(_round_up(part_h + overlap, multiple), whole_h)
+        tile_h = whole_h if k_h == 1 else min(round_up(part_h + overlap, multiple), whole_h)
         if tile_h in seen_h:
             continue
         seen_h.add(tile_h)
@@ -347,7 +350,7 @@ def choose_tile(
             tile_w = whole_w
         elif limit_w - overlap >= 1:
             part_w = -(-width // -(-width // (limit_w - overlap)))
-            tile_w = _round_up(part_w + overlap, multiple)
+            tile_w = round_up(part_w + overlap, multiple)
         else:
             continue
         count = _axis_count(height, tile_h, overlap) * _axis_count(width, tile_w, overlap)

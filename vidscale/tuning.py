@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from .engine import Engine
-from .tiling import choose_tile, plan_tiles
+from .tiling import choose_tile, plan_tiles, round_up
 
 TUNING_FILE = "tuning.json"
 MEASURE_SECONDS = 1.5
@@ -43,7 +43,7 @@ def cores() -> int:
 
 def candidates(height: int, width: int, *, max_pixels: int, multiple: int, overlap: int) -> list[tuple[int, int]]:
     """Distinct tile shapes to try: the memory budget's choice and ever smaller ones."""
-    budget = min(max_pixels, -(-height // multiple) * multiple * -(-width // multiple) * multiple)
+    budget = min(max_pixels, round_up(height, multiple) * round_up(width, multiple))
     tiles: list[tuple[int, int]] = []
     for divisor in _BUDGET_DIVISORS:
         try:
