@@ -156,7 +156,7 @@ class Engine:
                               f"delete it and run again to rebuild it") from exc
 
     def _convert(self, xml: Path) -> None:
-        import torch  # conversion is the only place that needs torch; a warm cache never imports it
+        import torch  # the one place in the engine that runs torch: a warm cache skips it
 
         xml.parent.mkdir(parents=True, exist_ok=True)
         module = self.model.module()
