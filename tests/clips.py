@@ -26,13 +26,16 @@ def pattern(height: int, width: int, shift: int = 0) -> np.ndarray:
 
 def make_clip(path, *, frames=6, size=(64, 48), pts=None, time_base=Fraction(1, 1000),
               codec="libx264", pix_fmt="yuv420p", fmt=None, colour=None, audio=True,
-              subtitles=False, attachment=False, chapters=False, rotation=0, sar=None, gop=None):
+              subtitles=False, attachment=False, chapters=False, rotation=0, sar=None, gop=None,
+              x264=None):
     """A small clip made here: `colour` is (sws matrix name, range, AVCOL colorspace code) or
-    None for an untagged BT.601 limited picture; `gop`: libx264's keyframe interval."""
+    None for an untagged BT.601 limited picture; `gop`: libx264's keyframe interval; `x264`:
+    more libx264 options (the preset is ultrafast: no B-frames)."""
     width, height = size
     pts = list(range(0, frames * 40, 40)) if pts is None else pts
     with av.open(str(path), "w", format=fmt) as out:
-        options = {"preset": "ultrafast", **({"g": str(gop)} if gop else {})} if codec == "libx264" else {}
+        options = ({"preset": "ultrafast", **({"g": str(gop)} if gop else {}), **(x264 or {})}
+                   if codec == "libx264" else {})
         video = out.add_stream(codec, rate=25, options=options)
         video.width, video.height, video.pix_fmt = width, height, pix_fmt
         video.time_base = video.codec_context.time_base = time_base

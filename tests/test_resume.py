@@ -15,7 +15,9 @@ import pytest
 from clips import demux_all, make_clip, stream_tags
 from vidscale import segments
 from vidscale.cli import main
-from vidscale.media import VideoFrame, VideoReader
+from vidscale.config import UpscaleSettings
+from vidscale.media import EncodedSegment, EncoderSettings, VideoFrame, VideoReader, join_segments
+from vidscale.pipeline import upscale_segment
 
 LOSSLESS = ["-c:v", "ffv1", "--progress", "none"]
 # x264 at a preset with B-frames: each segment's encoder starts afresh with its own reorder delay.
@@ -177,3 +179,33 @@ def test_batch_jobs_are_resumable_and_leave_no_work_behind(tmp_path, run):
     assert sorted(p.name for p in out.iterdir()) == ["ep1.upscaled.mkv", "ep1.upscaled.mkv.vidscale.json"]
     assert run("upscale", str(source), "-o", str(tmp_path / "whole.mkv"), *BFRAMES)[0] == 0
     assert_same_output(out / "ep1.upscaled.mkv", tmp_path / "whole.mkv", lossless=False)
+
+
+@pytest.mark.parametrize("gop", ["closed", "open"])
+def test_segments_upscaled_on_their_own_join_into_what_one_run_gives(tmp_path, run, cache_dir, identity_x2, gop):
+    # B-frames in the source, so a segment decoded from its keyframe must drop or keep pictures
+    # by timestamp; with an open GOP the pictures just before a keyframe in time come after it
+    # in the file and belong to the segment before.
+    options = {"x264-params": f"bframes=3:b-adapt=0:b-pyramid=normal:open-gop={int(gop == 'open')}:scenecut=0"}
+    source = make_clip(tmp_path / "in.mkv", frames=40, gop=8, x264=options, subtitles=True, chapters=True)
+    with av.open(str(source)) as clip:
+        packets = [p for p in clip.demux(video=0) if p.size]
+        assert [p.pts for p in packets] != sorted(p.pts for p in packets)
+    whole = tmp_path / "whole.mkv"
+    assert run("upscale", str(source), "-o", str(whole), *LOSSLESS)[0] == 0
+
+    settings = UpscaleSettings(model=str(identity_x2), cache_dir=cache_dir)
+    encoder = EncoderSettings(codec="ffv1")
+    with VideoReader(source) as reader:
+        starts = segments.segment_starts(source, 0.3, reader.info.time_base)
+    assert len(starts) == 5
+    pieces = []
+    for index in reversed(range(len(starts))):  # in any order, each on its own
+        path = tmp_path / f"piece{index}.mkv"
+        record = upscale_segment(source, path, starts, index, settings, encoder).record
+        assert record.first_pts == (starts[index] if index else 0)
+        pieces.insert(0, (EncodedSegment(path, record.packets, record.extradata), record.frames))
+    joined = tmp_path / "joined.mkv"
+    with VideoReader(source) as reader:
+        join_segments(joined, reader, encoder, [piece for piece, _ in pieces], sum(n for _, n in pieces))
+    assert_same_output(joined, whole)

@@ -279,6 +279,18 @@ def open_input(source) -> av.container.InputContainer:
     return container
 
 
+def keyframe_pts(path: Path) -> list[int]:
+    """The pts (video time base) of the video stream's keyframe packets, in file order, read
+    without decoding: where segments can start."""
+    with open_input(path) as container:
+        stream = _video_stream(container, str(path))
+        try:
+            return [p.pts for p in container.demux(stream) if p.is_keyframe and p.pts is not None and p.size]
+        except av.FFmpegError as exc:
+            raise MediaError(f"reading {path} failed ({exc.strerror or exc}); "
+                             f"check that the file is complete") from exc
+
+
 def _video_stream(container, label: str):
     """The stream to upscale: the first video stream that is not cover art."""
     fmt = container.format.name
@@ -494,6 +506,19 @@ class VideoReader:
             raise MediaError(f"{self.label} stops at {float(end):.3f} s but its header says the video "
                              f"runs to {float(declared):.3f} s: it is truncated or its pipe closed "
                              f"early; give the complete file")
+
+    def seek(self, pts: int) -> None:
+        """Decode from the keyframe at or before `pts` (video time base) instead of the start:
+        events() goes on from there. Frames a seek lands before `pts` on are still given; the
+        caller drops them."""
+        self._lookahead = []
+        self.stream.codec_context.flush_buffers()
+        try:
+            self.container.seek(pts, stream=self.stream, backward=True)
+        except av.FFmpegError as exc:
+            raise MediaError(f"{self.label} cannot seek to pts {pts} ({exc.strerror or exc}); "
+                             f"remux it into .mkv, which has an index") from exc
+        self._events = self._demux()
 
     def copied_packets(self):
         """Yield only the packets of the other streams, in demux order, without decoding the

@@ -17,7 +17,7 @@ from .errors import MediaError, UsageError
 from .media import (EncoderSettings, VideoFrame, VideoReader, VideoWriter, check_output, is_deep,
                     join_segments, output_pix_fmt, read_image)
 from .models import LoadedModel, resolve
-from .segments import Cutter, Resume, SegmentSink, WorkDir
+from .segments import Cutter, LoneSegment, Resume, SegmentRecord, SegmentSink, WorkDir, segment_starts
 from .tiling import TilePlan, choose_tile, plan_tiles, round_up, split, stitch
 from .tuning import tuned
 
@@ -325,13 +325,8 @@ def upscale_video(source, destination, settings: UpscaleSettings = UpscaleSettin
     # Model, device and INT8 gate problems surface before any output is opened.
     frame_upscaler = FrameUpscaler(settings, calibration=calibration, evaluation=evaluation)
     with VideoReader(source, strict=strict) as reader:
-        info = reader.info
-        pix_fmt = output_pix_fmt(encoder.codec, encoder, info)
-        reader.deep = is_deep(pix_fmt)
-        plan = frame_upscaler.plan(info.height, info.width)
-        model = frame_upscaler.upscaler_for(plan, "u16" if reader.deep else "u8")
+        plan, model, encoder = _prepare(frame_upscaler, reader, encoder)
         out_h, out_w = plan.out_shape
-        encoder = replace(encoder, pix_fmt=pix_fmt)
         if resume is not None and _longer_than(reader, resume.segment_seconds):
             return _upscale_in_segments(reader, source, Path(destination), encoder, (out_w, out_h), plan,
                                         model, progress, settings.dedup, resume, started, strict)
@@ -348,6 +343,83 @@ def upscale_video(source, destination, settings: UpscaleSettings = UpscaleSettin
         return VideoResult(output=str(destination), frames=decoded, seconds=time.monotonic() - started,
                            corrupt_packets=reader.corrupt_packets, retimed_frames=writer.retimed_frames,
                            reused_frames=reused, setup_seconds=ready - started)
+
+
+def _prepare(frame_upscaler: FrameUpscaler, reader: VideoReader,
+             encoder: EncoderSettings) -> tuple[TilePlan, Upscaler, EncoderSettings]:
+    """The tile plan and compiled model for `reader`'s frames, and the encoder settings with the
+    output pixel format settled (its depth decides the depth frames are decoded at)."""
+    pix_fmt = output_pix_fmt(encoder.codec, encoder, reader.info)
+    reader.deep = is_deep(pix_fmt)
+    plan = frame_upscaler.plan(reader.info.height, reader.info.width)
+    model = frame_upscaler.upscaler_for(plan, "u16" if reader.deep else "u8")
+    return plan, model, replace(encoder, pix_fmt=pix_fmt)
+
+
+@dataclass(frozen=True)
+class SegmentResult:
+    """What upscale_segment did."""
+
+    record: SegmentRecord | None
+    """None when no frame of the source falls in the segment."""
+    corrupt_packets: int
+    retimed_frames: int
+    reused_frames: int
+
+
+def upscale_segment(source: Path, target: Path, starts: list[int], index: int,
+                    settings: UpscaleSettings = UpscaleSettings(), encoder: EncoderSettings = EncoderSettings(),
+                    *, strict: bool = False, after: tuple[int, int] | None = None,
+                    calibration: list[np.ndarray] | None = None,
+                    evaluation: list[np.ndarray] | None = None) -> SegmentResult:
+    """Upscale segment `index` alone, of the segments starting at `starts` (segments.segment_starts
+    of `source`), into `target`, decoding from the keyframe it starts at: one piece of a long
+    video upscaled on a machine of its own (distributed.py). The file and record are those the
+    segmented upscale_video makes for this segment when `after` is what it is there, the
+    (source pts, written pts) of the previous segment's last frame; None when unknown, which
+    only matters when that frame's timestamp was moved as far as this segment's first.
+    calibration, evaluation: as for FrameUpscaler, so INT8 is judged as in the whole run.
+    """
+    from .progress import Progress
+
+    frame_upscaler = FrameUpscaler(settings, calibration=calibration, evaluation=evaluation)
+    with VideoReader(source, strict=strict) as reader:
+        plan, model, encoder = _prepare(frame_upscaler, reader, encoder)
+        out_h, out_w = plan.out_shape
+        start = starts[index] if index else None
+        end = starts[index + 1] if index + 1 < len(starts) else None
+        if start is not None:
+            reader.seek(start)
+        lone = LoneSegment(target)
+        with SegmentSink(lone, lambda path, _: VideoWriter(path, reader, out_w, out_h, encoder, segment=True,
+                                                           after=after)) as sink:
+            decoded, reused = _run_stages(_Window(reader, start, end), sink, plan, model, Progress(),
+                                          settings.dedup, Cutter(starts, {}, first=index))
+            sink.finish(decoded)
+    return SegmentResult(lone.records.get(index), reader.corrupt_packets, sink.retimed_frames, reused)
+
+
+class _Window:
+    """The frames of a reader from pts `start` (None: the first) up to, not including, `end`
+    (None: the last), for _run_stages; other streams are left to the join."""
+
+    def __init__(self, reader: VideoReader, start: int | None, end: int | None):
+        self._reader, self._start, self._end = reader, start, end
+
+    def events(self):
+        first = True
+        for event in self._reader.events():
+            if not isinstance(event, VideoFrame):
+                continue
+            if first and self._start is not None and event.pts > self._start:
+                raise MediaError(f"{self._reader.label}: seeking to pts {self._start} landed at "
+                                 f"{event.pts}, past it; remux it into .mkv, which has an index")
+            first = False
+            if self._start is not None and event.pts < self._start:
+                continue
+            if self._end is not None and event.pts >= self._end:
+                return
+            yield event
 
 
 def _is_file(source) -> bool:
@@ -367,7 +439,8 @@ def _upscale_in_segments(reader: VideoReader, source, destination: Path, encoder
     upscaled, then all are joined into `destination` and the work directory is removed."""
     out_w, out_h = size
     with WorkDir(destination, resume) as work:
-        cutter = Cutter(resume.segment_seconds, reader.info.time_base, work.records)
+        starts = segment_starts(Path(source), resume.segment_seconds, reader.info.time_base)
+        cutter = Cutter(starts, work.records)
         with SegmentSink(work, lambda path, after: VideoWriter(path, reader, out_w, out_h, encoder,
                                                                segment=True, after=after)) as sink:
             progress.start(reader.expected_frames, reader.label)
@@ -386,7 +459,7 @@ def _upscale_in_segments(reader: VideoReader, source, destination: Path, encoder
                        reused_frames=reused, resumed_frames=sink.resumed_frames, setup_seconds=ready - started)
 
 
-def _run_stages(reader: VideoReader, writer: VideoWriter | SegmentSink, plan: TilePlan, model: Upscaler,
+def _run_stages(reader: VideoReader | _Window, writer: VideoWriter | SegmentSink, plan: TilePlan, model: Upscaler,
                 progress, dedup: float | None, cutter: Cutter | None = None) -> tuple[int, int]:
     """Run decode, inference and encode concurrently; returns (frames decoded, frames reused).
 

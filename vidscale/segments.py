@@ -14,9 +14,10 @@ The work directory, `<output>.vidscale-work/`:
                         frame count matched: first pts, frames, exact packet timestamps, headers
 
 A segment file without a record and temporary files are what a stopped run left: deleted, and
-the segment is done again. Segment boundaries are found while decoding (the first frame, then the
-first keyframe at least `segment_seconds` after the current segment's start), so they are the
-same on every run over the same input.
+the segment is done again. Segments start at keyframe packets of the source (the first, then the
+first at least `segment_seconds` after the current segment's start; see segment_starts), read
+from the file before decoding, so every run over the same input, and every machine upscaling one
+segment of it on its own (distributed.py), cuts in the same places.
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ from pathlib import Path
 from typing import Callable
 
 from .errors import MediaError, UsageError
-from .media import EncodedSegment, VideoFrame, VideoWriter, atomic_output
+from .media import EncodedSegment, VideoFrame, VideoWriter, atomic_output, keyframe_pts
 
 DEFAULT_SEGMENT_SECONDS = 60.0
 WORK_SUFFIX = ".vidscale-work"
@@ -135,6 +136,12 @@ class WorkDir:
             tmp.write_text(record.to_json())
         self.records[record.index] = record
 
+    def discard(self, index: int) -> None:
+        """Forget a complete segment: it is done again."""
+        self.records.pop(index, None)
+        self._record_path(index).unlink(missing_ok=True)
+        self.segment_path(index).unlink(missing_ok=True)
+
     def encoded(self, indices: list[int]) -> list[EncodedSegment]:
         return [EncodedSegment(self.segment_path(i), self.records[i].packets, self.records[i].extradata)
                 for i in indices]
@@ -143,26 +150,58 @@ class WorkDir:
         shutil.rmtree(self.path, ignore_errors=True)
 
 
-class Cutter:
-    """Decides, in the decoding order of frames, where segments start: at the first frame, then at
-    the first source keyframe `seconds` or more after the start of the current segment."""
+def segment_starts(path: Path, seconds: float, time_base: Fraction) -> list[int]:
+    """The pts (video time base) each segment of `path` starts at: its first keyframe, then the
+    first keyframe `seconds` or more after the start of the segment before."""
+    ticks = Fraction(seconds) / time_base
+    starts: list[int] = []
+    for pts in keyframe_pts(path):
+        if not starts or pts - starts[-1] >= ticks:
+            starts.append(pts)
+    return starts
 
-    def __init__(self, seconds: float, time_base: Fraction, records: dict[int, SegmentRecord]):
-        self._ticks = Fraction(seconds) / time_base
+
+class Cutter:
+    """Tells, frame by frame in presentation order, where the segments that start at `starts`
+    (see segment_starts) begin: the first frame given begins segment `first`, a frame at or after
+    a later segment's start begins that one. A segment no frame falls in is passed over."""
+
+    def __init__(self, starts: list[int], records: dict[int, SegmentRecord], first: int = 0):
+        self._starts = starts
         self._records = records
-        self._start: int | None = None
+        self._first = first
         self.index = -1
 
     def cut(self, frame: VideoFrame) -> bool:
         """Whether `frame` starts a new segment (then numbered `index`)."""
-        if self._start is not None and not (frame.key and frame.pts - self._start >= self._ticks):
+        if self.index < 0:
+            self.index = self._first
+            return True
+        following = self.index
+        while following + 1 < len(self._starts) and frame.pts >= self._starts[following + 1]:
+            following += 1
+        if following == self.index:
             return False
-        self._start = frame.pts
-        self.index += 1
+        self.index = following
         return True
 
     def done(self, index: int) -> bool:
         return index in self._records
+
+
+class LoneSegment:
+    """Stands in for a WorkDir where one segment is upscaled on its own (a Ray task): the segment
+    is written to `path` and its record kept here, for the caller to hand on."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.records: dict[int, SegmentRecord] = {}
+
+    def segment_path(self, index: int) -> Path:
+        return self.path
+
+    def complete(self, record: SegmentRecord) -> None:
+        self.records[record.index] = record
 
 
 class SegmentSink:
@@ -172,7 +211,7 @@ class SegmentSink:
     the whole file when the segments are joined. A context manager: leaving it on an error
     discards the segment being written."""
 
-    def __init__(self, work: WorkDir, open_writer: Callable[[Path, tuple[int, int] | None], VideoWriter]):
+    def __init__(self, work: WorkDir | LoneSegment, open_writer: Callable[[Path, tuple[int, int] | None], VideoWriter]):
         self.work = work
         self._open_writer = open_writer
         self.indices: list[int] = []
