@@ -118,6 +118,9 @@ codec = "ffv1"
     ('[[job]]\ninputs = "a.mkv"\nspeed = 3\n', "unknown setting speed"),
     ('output_dir = "out"\n', "has no [[job]] entries"),
     ('[[job]\n', "cannot be read"),
+    ('segment_seconds = 0\n[[job]]\ninputs = "a.mkv"\n', "segment_seconds = 0 is not valid"),
+    ('ray = "auto"\nray_storage = "nfs"\n[[job]]\ninputs = "a.mkv"\n', "ray_storage = 'nfs' is not valid"),
+    ('ray_storage = "object-store"\n[[job]]\ninputs = "a.mkv"\n', "only count with --ray"),
 ])
 def test_a_bad_job_file_is_refused_before_any_work(tmp_path, batch, content, message):
     jobs = tmp_path / "jobs.toml"

@@ -1,12 +1,15 @@
-"""`vidscale batch --ray`: jobs as Ray tasks on a local two-CPU Ray instance, compared with the
-same batch run locally; a bad input fails once; a worker killed mid-job is retried and resumes."""
+"""`vidscale batch --ray`: the segments of jobs as Ray tasks on a local two-CPU Ray instance,
+compared with the same batch run locally, with shared storage and through the object store; a
+bad input fails once; a worker killed mid-segment is retried; a driver killed mid-batch resumes."""
 
 import ast
 import json
 import logging
 import os
 import signal
+import subprocess
 import sys
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -19,6 +22,7 @@ from vidscale import segments
 from vidscale.cli import main
 from vidscale.distributed import TASK_PREFIX
 from vidscale.errors import EXIT_SOME_FAILED
+from vidscale.media import VideoReader
 
 LOSSLESS = ["-c:v", "ffv1", "--progress", "none"]
 # Two jobs at once on the two CPUs of the test instance.
@@ -47,7 +51,7 @@ def batch(cache_dir, identity_x2, capsys):
 
 
 def attempts() -> list[dict]:
-    """Every attempt of every job task Ray ran so far (task_id, attempt_number, state, worker_pid...)."""
+    """Every attempt of every segment task Ray ran so far (task_id, attempt_number, state, worker_pid...)."""
     import ray
     from ray.util.state import list_tasks
 
@@ -74,8 +78,8 @@ def new_attempts(before: list[dict], finished: int) -> list[dict]:
     return sorted((r for r in attempts() if _key(r) not in seen), key=_key)
 
 
-def ray_job_processes() -> list[int]:
-    """Pids of Ray workers running a job now: Ray titles a worker after the task it runs."""
+def ray_segment_processes() -> list[int]:
+    """Pids of Ray workers upscaling a segment now: Ray titles a worker after the task it runs."""
     pids = []
     for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
         try:
@@ -114,12 +118,22 @@ def test_without_ray_installed_ray_fails_in_one_line(tmp_path, batch, monkeypatc
     assert not (tmp_path / "out").exists()
 
 
-def test_a_batch_on_two_ray_workers_gives_what_a_local_batch_gives(tmp_path, batch, ray_instance):
+def segment_count(source: Path, seconds: float) -> int:
+    with VideoReader(source) as reader:
+        return len(segments.segment_starts(source, seconds, reader.info.time_base))
+
+
+@pytest.mark.parametrize("storage", ["shared", "object-store"])
+def test_a_batch_on_two_ray_workers_gives_what_a_local_batch_gives(tmp_path, batch, ray_instance, storage):
     sources = [make_clip(tmp_path / f"ep{n}.mkv", frames=12, gop=4, subtitles=True, attachment=True,
                          chapters=True) for n in (1, 2)]
+    tasks = sum(segment_count(source, 0.2) for source in sources)
+    assert tasks == 4  # two segments per episode
+    staging = Path(tempfile.gettempdir()) / "vidscale-ray"
+    staged_before = set(staging.iterdir()) if staging.exists() else set()
     runs = {}
     before = attempts()
-    for mode, extra in (("local", []), ("ray", ON_RAY)):
+    for mode, extra in (("local", []), ("ray", [*ON_RAY, "--ray-storage", storage])):
         out = tmp_path / mode
         status, err = batch(*map(str, sources), "--output-dir", str(out), "--template", "{stem}.x2.mkv",
                             "--report", str(tmp_path / f"{mode}.json"), *LOSSLESS,
@@ -134,16 +148,18 @@ def test_a_batch_on_two_ray_workers_gives_what_a_local_batch_gives(tmp_path, bat
         "ep1.x2.mkv", "ep1.x2.mkv.vidscale.json", "ep2.x2.mkv", "ep2.x2.mkv.vidscale.json"]
     for name in ("ep1.x2.mkv", "ep2.x2.mkv"):
         assert_same_output(tmp_path / "ray" / name, tmp_path / "local" / name)
-        sidecar = name + ".vidscale.json"  # so a later local run skips what Ray did, and back
-        assert json.loads((tmp_path / "ray" / sidecar).read_text()) == json.loads(
-            (tmp_path / "local" / sidecar).read_text())
-    rows = new_attempts(before, 2)
-    assert [r["attempt_number"] for r in rows] == [0, 0]
+        sidecar = json.loads((tmp_path / "ray" / (name + ".vidscale.json")).read_text())
+        assert sidecar["frames"] == 12 and sidecar["source"] == str(tmp_path / name.replace(".x2", ""))
+    rows = new_attempts(before, tasks)
+    assert [r["attempt_number"] for r in rows] == [0] * tasks
     assert len({r["worker_pid"] for r in rows}) == 2  # two worker processes, not this one
     assert os.getpid() not in {r["worker_pid"] for r in rows}
+    # The object store's copies of the inputs are gone from the machine when the batch ends.
+    assert (set(staging.iterdir()) if staging.exists() else set()) == staged_before
 
+    # A local run skips what Ray did.
     status, err = batch(*map(str, sources), "--output-dir", str(tmp_path / "ray"), "--template",
-                        "{stem}.x2.mkv", *LOSSLESS, "--segment-seconds", "0.2", *ON_RAY)
+                        "{stem}.x2.mkv", *LOSSLESS, "--segment-seconds", "0.2")
     assert status == 0 and "2 jobs: 0 done, 2 skipped, 0 failed" in err
 
 
@@ -167,28 +183,43 @@ def test_a_bad_input_fails_once_with_the_usual_message_and_status(tmp_path, batc
     assert ray["jobs"][0]["status"] == "failed" and "broken.mkv" in ray["jobs"][0]["error"]
     assert f"{broken}: failed: {ray['jobs'][0]['error']}" in err.splitlines()
     assert "2 jobs: 1 done, 0 skipped, 1 failed" in err.splitlines()[-1]
-    rows = new_attempts(before, 2)
-    assert sorted((r["attempt_number"], r["state"]) for r in rows) == [(0, "FINISHED"), (0, "FINISHED")]
+    # The broken input failed before any task; the good one is one segment, run once.
+    assert [(r["attempt_number"], r["state"]) for r in new_attempts(before, 1)] == [(0, "FINISHED")]
     assert sorted(p.name for p in (tmp_path / "ray").iterdir()) == ["ep1.upscaled.mkv",
                                                                     "ep1.upscaled.mkv.vidscale.json"]
 
 
-def test_a_worker_killed_mid_job_is_retried_and_the_job_resumes(tmp_path, batch, ray_instance):
+def test_a_segment_that_fails_by_itself_fails_its_job_once(tmp_path, batch, ray_instance):
+    source = make_clip(tmp_path / "long.mkv", frames=40, size=(128, 96), codec="ffv1")
+    # Every segment fails in its task the same way: the output folder cannot be written.
+    out = tmp_path / "out"
+    before = attempts()
+    status, err = batch(str(source), "--output-dir", str(out), *LOSSLESS, "--segment-seconds", "0.2",
+                        "--tile", "64", "--overlap", "70", *ON_RAY)
+    assert status == EXIT_SOME_FAILED, err
+    [line] = [line for line in err.splitlines() if line.startswith(f"{source}: failed: ")]
+    assert "cannot tile a 128x96 frame" in line
+    rows = new_attempts(before, 1)
+    assert {r["attempt_number"] for r in rows} == {0}  # never retried
+    assert sorted(p.name for p in out.iterdir()) == []
+
+
+def test_a_worker_killed_mid_segment_is_retried_and_the_job_completes(tmp_path, batch, ray_instance):
     source = make_clip(tmp_path / "long.mkv", frames=300, size=(128, 96), codec="ffv1", subtitles=True,
                        chapters=True)
     out = tmp_path / "ray"
     work = segments.work_dir_for(out / "long.upscaled.mkv")
     killed = []
 
-    def kill_the_worker_once_segments_are_done():
+    def kill_a_worker_once_segments_are_done():
         deadline = time.monotonic() + 120
         while len(list(work.glob("segment-*.json"))) < 2 and time.monotonic() < deadline:
             time.sleep(0.005)
-        for pid in ray_job_processes():
+        for pid in ray_segment_processes()[:1]:
             os.kill(pid, signal.SIGKILL)
             killed.append(pid)
 
-    killer = threading.Thread(target=kill_the_worker_once_segments_are_done)
+    killer = threading.Thread(target=kill_a_worker_once_segments_are_done)
     before = attempts()
     killer.start()
     try:
@@ -200,10 +231,47 @@ def test_a_worker_killed_mid_job_is_retried_and_the_job_resumes(tmp_path, batch,
     assert len(killed) == 1
     [job] = json.loads((tmp_path / "ray.json").read_text())["jobs"]
     assert job["status"] == "done" and job["frames"] == 300
-    assert 0 < job["resumed_frames"] < 300  # the retry went on from the killed attempt's segments
-    rows = new_attempts(before, 2)
-    assert sorted((r["attempt_number"], r["state"]) for r in rows) == [(0, "FAILED"), (1, "FINISHED")]
+    tasks = segment_count(source, 0.4)
+    rows = new_attempts(before, tasks + 1)
+    failed = [r for r in rows if r["state"] == "FAILED"]
+    assert [r["attempt_number"] for r in failed] == [0]
+    # Only the killed segment ran again, once.
+    assert [(r["attempt_number"], r["state"]) for r in rows if r["task_id"] == failed[0]["task_id"]] == [
+        (0, "FAILED"), (1, "FINISHED")]
+    assert len(rows) == tasks + 1
     assert sorted(p.name for p in out.iterdir()) == ["long.upscaled.mkv", "long.upscaled.mkv.vidscale.json"]
 
+    assert batch(str(source), "--output-dir", str(tmp_path / "local"), *LOSSLESS)[0] == 0
+    assert_same_output(out / "long.upscaled.mkv", tmp_path / "local" / "long.upscaled.mkv")
+
+
+def test_a_driver_killed_mid_batch_resumes_from_its_complete_segments(tmp_path, batch, ray_instance,
+                                                                       cache_dir, identity_x2):
+    source = make_clip(tmp_path / "long.mkv", frames=200, size=(128, 96), codec="ffv1", subtitles=True)
+    out = tmp_path / "ray"
+    work = segments.work_dir_for(out / "long.upscaled.mkv")
+    address = ray_instance.get_runtime_context().gcs_address
+    # The driver in a process of its own, on the same Ray instance, killed as a power cut would.
+    driver = subprocess.Popen(
+        [sys.executable, "-m", "vidscale", "--cache-dir", str(cache_dir), "batch", str(source),
+         "--output-dir", str(out), *LOSSLESS, "--segment-seconds", "0.4", "-m", str(identity_x2),
+         "--ray", address, "--ray-cpus", "1"], stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 120
+    while len(list(work.glob("segment-*.json"))) < 3 and driver.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.005)
+    driver.kill()
+    assert driver.wait() == -signal.SIGKILL, driver.stderr.read().decode()
+    driver.stderr.close()
+    kept = len(list(work.glob("segment-*.json")))
+    assert 3 <= kept < segment_count(source, 0.4)
+    assert not (out / "long.upscaled.mkv").exists()
+
+    status, err = batch(str(source), "--output-dir", str(out), *LOSSLESS, "--segment-seconds", "0.4",
+                        "--report", str(tmp_path / "ray.json"), *ON_RAY)
+    assert status == 0, err
+    [job] = json.loads((tmp_path / "ray.json").read_text())["jobs"]
+    assert job["status"] == "done" and job["frames"] == 200
+    assert 0 < job["resumed_frames"] < 200
+    assert sorted(p.name for p in out.iterdir()) == ["long.upscaled.mkv", "long.upscaled.mkv.vidscale.json"]
     assert batch(str(source), "--output-dir", str(tmp_path / "local"), *LOSSLESS)[0] == 0
     assert_same_output(out / "long.upscaled.mkv", tmp_path / "local" / "long.upscaled.mkv")

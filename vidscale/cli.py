@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .config import DEFAULT_DEDUP, DEFAULT_IMAGE_MODEL, DEFAULT_VIDEO_MODEL, UpscaleSettings
+from .config import DEFAULT_DEDUP, DEFAULT_IMAGE_MODEL, DEFAULT_VIDEO_MODEL, RAY_STORAGES, UpscaleSettings
 from .errors import EXIT_SOME_FAILED, OutputClosedError, UsageError, VidscaleError
 from .progress import MODES, Both, EventLog, make_progress
 from .segments import DEFAULT_SEGMENT_SECONDS
@@ -162,14 +162,17 @@ def build_parser() -> argparse.ArgumentParser:
     batch.add_argument("--report", type=Path, help="write a JSON report of every job here")
     batch.add_argument("--overwrite", action="store_true", help="replace outputs not made by an earlier run")
     batch.add_argument("--ray", nargs="?", const="local", metavar="ADDRESS",
-                       help="run the jobs as Ray tasks: with no ADDRESS on a Ray instance started here, "
-                            "with auto or HOST:PORT on a running cluster whose machines all see the inputs "
-                            "and outputs under the same paths (needs pip install 'vidscale[ray]'; put a "
-                            "bare --ray after the inputs)")
+                       help="run the segments of the jobs as Ray tasks: with no ADDRESS on a Ray instance "
+                            "started here, with auto or HOST:PORT on a running cluster (needs pip install "
+                            "'vidscale[ray]'; put a bare --ray after the inputs)")
     batch.add_argument("--ray-cpus", type=_cpus, metavar="N",
-                       help="with --ray: CPUs each job claims (default: all of the smallest machine's)")
+                       help="with --ray: CPUs each segment claims (default: all of the smallest machine's)")
+    batch.add_argument("--ray-storage", choices=RAY_STORAGES,
+                       help="with --ray: shared (default) when every machine sees the inputs and outputs "
+                            "under the same paths; object-store to send them through Ray instead")
     _engine_options(batch, DEFAULT_VIDEO_MODEL)
     _video_options(batch)
+    batch.set_defaults(segment_seconds=None)  # a job file's segment_seconds applies unless given
     # Settings given on the command line replace a job file's [defaults]; those not given must
     # not, so they stay out of the namespace.
     for action in batch._actions:
@@ -275,18 +278,17 @@ def run_upscale(args: argparse.Namespace, log: EventLog | None) -> int:
 
 
 def run_batch(args: argparse.Namespace, log: EventLog | None) -> int:
-    from .jobs import BatchInterrupted, jobs_from_file, jobs_from_inputs, ray_options, run_jobs
+    from .jobs import BatchInterrupted, RunOptions, jobs_from_file, jobs_from_inputs, run_jobs, run_options
 
     values = {key: getattr(args, key) for key in _BATCH_SETTINGS if hasattr(args, key)}
     if "encoder_option" in values:
         values["options"] = dict(values.pop("encoder_option"))
     if args.ray is not None and Path(args.ray).exists():
         raise UsageError(f"--ray took {args.ray} for a cluster address; put a bare --ray after the inputs")
-    ray_address, ray_cpus = args.ray, args.ray_cpus
+    in_file = RunOptions()
     if len(args.inputs) == 1 and args.inputs[0].endswith(".toml"):
         jobs = jobs_from_file(Path(args.inputs[0]), args.output_dir, values, args.cache_dir)
-        file_address, file_cpus = ray_options(Path(args.inputs[0]))
-        ray_address, ray_cpus = ray_address or file_address, ray_cpus or file_cpus
+        in_file = run_options(Path(args.inputs[0]))
     else:
         if args.output_dir is None:
             raise UsageError("give --output-dir for the outputs (or run a TOML job file)")
@@ -312,20 +314,25 @@ def run_batch(args: argparse.Namespace, log: EventLog | None) -> int:
             text = f"failed: {result.error}"
         print(f"{result.input}: {text}", file=sys.stderr)
 
-    if ray_cpus is not None and ray_address is None:
-        raise UsageError("--ray-cpus (ray_cpus) only counts with --ray (ray in a job file); add one or drop it")
+    ray_address = args.ray or in_file.ray
+    ray_cpus = args.ray_cpus or in_file.ray_cpus
+    ray_storage = args.ray_storage or in_file.ray_storage
+    segment_seconds = args.segment_seconds or in_file.segment_seconds or DEFAULT_SEGMENT_SECONDS
+    if ray_address is None and (ray_cpus is not None or ray_storage is not None):
+        raise UsageError("--ray-cpus and --ray-storage (ray_cpus, ray_storage) only count with --ray "
+                         "(ray in a job file); add one or drop them")
     try:
         if ray_address is None:
-            report = run_jobs(jobs, overwrite=args.overwrite, segment_seconds=args.segment_seconds,
+            report = run_jobs(jobs, overwrite=args.overwrite, segment_seconds=segment_seconds,
                               on_start=on_start, on_result=on_result,
                               progress=lambda job: _progress(args, log, input=str(job.source)))
         else:
-            # Jobs run in Ray's worker processes: no progress bar here, one line per job as it ends.
+            # Segments run in Ray's worker processes: no progress bar here, one line per job as it ends.
             from .distributed import run_jobs_on_ray
 
             report = run_jobs_on_ray(jobs, address=ray_address, cpus=ray_cpus, overwrite=args.overwrite,
-                                     segment_seconds=args.segment_seconds, on_start=on_start,
-                                     on_result=on_result)
+                                     segment_seconds=segment_seconds, storage=ray_storage or "shared",
+                                     on_start=on_start, on_result=on_result)
     except BatchInterrupted as stopped:
         _finish_batch(args, stopped.report, log)
         raise stopped.cause from None

@@ -40,3 +40,7 @@ class UpscaleSettings:
     dedup: float | None = DEFAULT_DEDUP
     """Video only: reuse the last upscaled frame for source frames that match it (see
     pipeline.frames_match); None turns it off, 0 reuses identical frames only."""
+
+
+RAY_STORAGES = ("shared", "object-store")
+"""Where Ray tasks find inputs: paths every machine mounts, or Ray's object store (distributed.py)."""

@@ -1,39 +1,60 @@
-"""A batch on Ray (`vidscale batch --ray [ADDRESS]`): each job is one Ray task that runs the very
-code a local batch runs for it (jobs.run_job: atomic output, frame-count check, segments kept for
-resume, sidecar), and this driver turns the tasks' results into the same report and exit status.
+"""A batch on Ray (`vidscale batch --ray [ADDRESS]`): every segment of every job (segments.py:
+pieces of about --segment-seconds that start at source keyframes) is one Ray task, upscaled by
+pipeline.upscale_segment wherever the cluster has room, and this driver assembles each output
+as a local run does. Segments are kept in the work directory beside the output as they come in
+(so a stopped batch, this driver included, resumes from them), then joined with every other
+stream copied once, the frame count checked, the output renamed into place and its sidecar
+written; the report and exit status are those of a local batch.
 
 Ray is optional (`pip install 'vidscale[ray]'`) and imported only here, only with --ray.
 
-Paths, not bytes, travel: every machine must see the inputs, the outputs (with their work
-directories) and a model file under the same absolute paths (one NFS/SMB mount at the same place
-everywhere). Each machine converts a catalog model into its own cache once.
+Storage:
+- "shared" (the default): every machine sees the inputs, the outputs' work directories and a
+  model file given as a file under the same absolute paths (one NFS/SMB mount at the same place
+  everywhere). Tasks read the input and write their segment into the work directory.
+- "object-store": only this machine sees them. Each input (and a model file) goes into Ray's
+  object store once, each machine writes it to its temporary directory once for its tasks, and
+  segments come back to this machine as task results.
+Each machine converts a catalog model into its own cache once.
 
-Faults: a task whose worker process or machine is lost is run again by Ray (MAX_RETRIES); being
-resumable, the new attempt goes on from the job's last complete segment. A job that fails for a
-reason of its own (bad input, a full disk) comes back as a failed result, not as an exception, so
-it fails once and is never retried.
+Faults: a task whose worker process or machine is lost is run again by Ray (MAX_RETRIES); only
+that segment is upscaled again. A segment that fails for a reason of its own (bad input, a full
+disk) comes back as an error, not as an exception, so it is never retried: its job fails once,
+and that job's other tasks are cancelled.
 """
 
 from __future__ import annotations
 
 import logging
+import shutil
 import signal
+import tempfile
 import threading
 import time
-from dataclasses import replace
+import uuid
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from .errors import UsageError
-from .jobs import BatchInterrupted, BatchReport, Job, JobResult, interrupted_result, is_done, run_job
-from .segments import DEFAULT_SEGMENT_SECONDS
+import numpy as np
 
-# Attempts after the first for a job whose worker was lost (process killed, machine gone).
+from .errors import UsageError
+from .config import RAY_STORAGES
+from .jobs import (BatchInterrupted, BatchReport, Job, JobResult, failed_result, failure_message,
+                   interrupted_result, is_done, prepare_output, resume_for, write_sidecar)
+from .media import VideoReader, atomic_output, check_output, join_segments
+from .pipeline import SegmentResult, calibration_frames, upscale_segment
+from .segments import DEFAULT_SEGMENT_SECONDS, WorkDir, segment_starts
+
+# Attempts after the first for a segment whose worker was lost (process killed, machine gone).
 MAX_RETRIES = 3
-# Each job's task is named this and its input's file name.
-TASK_PREFIX = "vidscale-job "
+# Each task is named this, its input's file name and its segment: for `ray list tasks`, the
+# dashboard and the worker's process title.
+TASK_PREFIX = "vidscale "
 # How long a stopped batch waits for its cancelled tasks to end.
 _CANCEL_SECONDS = 30.0
 _POLL_SECONDS = 0.2
+# Where a machine keeps the inputs of an object-store batch, under its temporary directory.
+_STAGING = "vidscale-ray"
 
 
 def _import_ray():
@@ -46,26 +67,22 @@ def _import_ray():
 
 def run_jobs_on_ray(jobs: list[Job], *, address: str = "local", cpus: int | None = None,
                     overwrite: bool = False, segment_seconds: float = DEFAULT_SEGMENT_SECONDS,
-                    on_start=lambda job: None, on_result=lambda job, result: None) -> BatchReport:
-    """Like jobs.run_jobs, with the jobs run as Ray tasks, as many at once as the cluster has
-    room for. `address`: "local" starts a Ray instance on this machine (stopped at the end);
-    "auto" or HOST:PORT joins a running cluster. A process already connected to Ray (ray.init
-    called) keeps its connection. `cpus`: CPUs each job claims; by default all of the smallest
-    machine's, so one job runs per machine at a time as in a local batch (OpenVINO uses every
-    core of the machine it runs on).
+                    storage: str = "shared", on_start=lambda job: None,
+                    on_result=lambda job, result: None) -> BatchReport:
+    """Like jobs.run_jobs, with the segments of the jobs run as Ray tasks, as many at once as
+    the cluster has room for. `address`: "local" starts a Ray instance on this machine (stopped
+    at the end); "auto" or HOST:PORT joins a running cluster. A process already connected to Ray
+    (ray.init called) keeps its connection. `cpus`: CPUs each task claims; by default all of the
+    smallest machine's, so each machine upscales one segment at a time (OpenVINO uses every core
+    of the machine it runs on). `storage`: see the module's docstring.
     """
+    if storage not in RAY_STORAGES:
+        raise UsageError(f"Ray storage {storage!r} is not known; use {' or '.join(RAY_STORAGES)}")
     ray = _import_ray()
     started_ray = _connect(ray, address)
     try:
-        remote = ray.remote(run_job)
-        per_job = _cpus_per_job(ray, cpus)
-
-        def task(job: Job):
-            # Named after the input, for `ray list tasks`, the dashboard and the worker's process title.
-            return remote.options(name=f"{TASK_PREFIX}{job.source.name}", num_cpus=per_job,
-                                  max_retries=MAX_RETRIES, retry_exceptions=False)
-
-        return _collect(ray, jobs, task, overwrite, segment_seconds, on_start, on_result)
+        return _Driver(ray, _cpus_per_task(ray, cpus), storage, overwrite, segment_seconds,
+                       on_start, on_result).run(jobs)
     finally:
         if started_ray:
             ray.shutdown()
@@ -96,9 +113,12 @@ def _connect(ray, address: str) -> bool:
     return True
 
 
-def _cpus_per_job(ray, cpus: int | None) -> int:
-    machines = [int(node["Resources"].get("CPU", 0)) for node in ray.nodes() if node["Alive"]]
-    machines = [n for n in machines if n > 0]
+def _machines(ray) -> list[dict]:
+    return [node for node in ray.nodes() if node["Alive"] and node["Resources"].get("CPU", 0) > 0]
+
+
+def _cpus_per_task(ray, cpus: int | None) -> int:
+    machines = [int(node["Resources"]["CPU"]) for node in _machines(ray)]
     if not machines:
         raise UsageError("the Ray cluster has no machine with CPUs; start workers with `ray start --address=...`")
     if cpus is None:
@@ -108,44 +128,6 @@ def _cpus_per_job(ray, cpus: int | None) -> int:
         raise UsageError(f"--ray-cpus {cpus} is more than any machine of the Ray cluster has "
                          f"(at most {max(machines)}); ask for fewer")
     return cpus
-
-
-def _collect(ray, jobs: list[Job], task, overwrite: bool, segment_seconds: float, on_start,
-             on_result) -> BatchReport:
-    started = time.monotonic()
-    results: list[JobResult | None] = [None] * len(jobs)
-    pending = {}
-    for number, job in enumerate(jobs):
-        remote = absolute(job)
-        if is_done(remote):
-            results[number] = JobResult(str(job.source), str(job.output), "skipped")
-            on_result(job, results[number])
-            continue
-        on_start(job)
-        pending[task(job).remote(remote, overwrite, segment_seconds)] = number
-    try:
-        while pending:
-            # Wait here, not inside ray.wait: a signal that arrives in Ray's own wait comes out as a
-            # plain KeyboardInterrupt, and SIGTERM would be reported as Ctrl-C.
-            ready, _ = ray.wait(list(pending), num_returns=len(pending), timeout=0)
-            if not ready:
-                time.sleep(_POLL_SECONDS)
-            for ref in ready:
-                number = pending.pop(ref)
-                results[number] = _result(ray, ref, jobs[number])
-                on_result(jobs[number], results[number])
-    except KeyboardInterrupt as exc:
-        # Ray's gentle cancel (a KeyboardInterrupt in the task) did not stop a running job in
-        # Ray 2.60, and a job's worker dies with this driver anyway: kill them now, as kill -9
-        # would. Complete segments are kept for the next run; nothing is at any output path.
-        for ref in pending:
-            ray.cancel(ref, force=True)
-        ray.wait(list(pending), num_returns=len(pending), timeout=_CANCEL_SECONDS)
-        for number in pending.values():
-            results[number] = interrupted_result(jobs[number])
-        report = BatchReport([r for r in results if r is not None], time.monotonic() - started, interrupted=True)
-        raise BatchInterrupted(report, exc) from exc
-    return BatchReport(results, time.monotonic() - started)
 
 
 def absolute(job: Job) -> Job:
@@ -159,15 +141,304 @@ def absolute(job: Job) -> Job:
     return replace(job, source=job.source.absolute(), output=job.output.absolute(), settings=settings)
 
 
-def _result(ray, ref, job: Job) -> JobResult:
-    """The task's result, named by the paths the user gave; a task Ray gave up on is a failed job."""
+# --- in the workers ------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class _Staged:
+    """The files of one job of an object-store batch, each a (file name, ObjectRef of its bytes):
+    a task writes them into its machine's folder for the batch before it starts."""
+
+    batch: str
+    source: tuple[str, object]
+    model: tuple[str, object] | None = None
+
+
+def _staging_folder(batch: str) -> Path:
+    return Path(tempfile.gettempdir()) / _STAGING / batch
+
+
+def _segment_task(job: Job, starts: list[int], index: int, after: tuple[int, int] | None,
+                  target: Path, staged: _Staged | None, calibration, evaluation):
+    """One segment, in a Ray worker: (SegmentResult, the segment's bytes when they must travel
+    back, else None), or the job's failure message. Failures are returned, not raised, so Ray
+    retries only lost workers; KeyboardInterrupt (a cancelled task) goes through."""
+    given = job
     try:
-        result = ray.get(ref)
-    except ray.exceptions.RayError as exc:
-        return JobResult(str(job.source), str(job.output), "failed",
-                         error=f"lost on Ray ({_first_line(exc)}); run the batch again to go on from "
-                               f"its last complete segment")
-    return replace(result, input=str(job.source), output=str(job.output))
+        if staged is not None:
+            job, target = _unstage(job, index, staged)
+        result = upscale_segment(job.source, target, starts, index, job.settings, job.encoder,
+                                 strict=job.strict, after=after, calibration=calibration,
+                                 evaluation=evaluation)
+        if staged is None or result.record is None:
+            return result, None
+        try:
+            return result, target.read_bytes()
+        finally:
+            target.unlink()
+    except Exception as exc:  # noqa: BLE001 - reported as the job's failure, never retried
+        # Named by the input's own path, not by its copy on this machine.
+        return failure_message(job, exc).replace(str(job.source), str(given.source))
+
+
+def _unstage(job: Job, index: int, staged: _Staged) -> tuple[Job, Path]:
+    """The job with its input (and model file) on this machine, and where its segment goes."""
+    import ray
+
+    folder = _staging_folder(staged.batch)
+    folder.mkdir(parents=True, exist_ok=True)
+
+    def local(name: str, ref) -> Path:
+        path = folder / name
+        if not path.exists():  # another task of this batch on this machine may have written it
+            with atomic_output(path) as tmp:
+                ray.get(ref).tofile(tmp)
+        return path
+
+    job = replace(job, source=local(*staged.source))
+    if staged.model is not None:
+        job = replace(job, settings=replace(job.settings, model=str(local(*staged.model))))
+    return job, folder / f"{uuid.uuid4().hex}-{index}{job.output.suffix}"
+
+
+def _clean_staging(batch: str) -> None:
+    shutil.rmtree(_staging_folder(batch), ignore_errors=True)
+
+
+# --- on the driver -------------------------------------------------------------------------------
+
+@dataclass
+class _JobRun:
+    """A job whose segments are on Ray."""
+
+    number: int
+    job: Job
+    """As the user gave it (the report names its paths)."""
+    remote: Job
+    """With absolute paths, as tasks get it."""
+    work: WorkDir
+    starts: list[int]
+    started: float
+    staged: _Staged | None
+    calibration: list[np.ndarray] | None
+    evaluation: list[np.ndarray] | None
+    resumed_frames: int
+    pending: dict = field(default_factory=dict)
+    """{ObjectRef: segment index} of its tasks not yet collected."""
+    empty: set[int] = field(default_factory=set)
+    """Segments no frame falls in."""
+    corrupt_packets: int = 0
+    retimed_frames: int = 0
+    reused_frames: int = 0
+
+
+class _Driver:
+    def __init__(self, ray, cpus: int, storage: str, overwrite: bool, segment_seconds: float,
+                 on_start, on_result):
+        self.ray, self.cpus, self.storage = ray, cpus, storage
+        self.overwrite, self.segment_seconds = overwrite, segment_seconds
+        self.on_start, self.on_result = on_start, on_result
+        self.task = ray.remote(_segment_task)
+        self.batch = uuid.uuid4().hex
+        self.runs: dict[int, _JobRun] = {}
+        self.results: list[JobResult | None] = []
+
+    def run(self, jobs: list[Job]) -> BatchReport:
+        started = time.monotonic()
+        self.results = [None] * len(jobs)
+        waiting = list(enumerate(jobs))
+        # Jobs are opened (input read, segments submitted) only while the cluster is short of
+        # work, so that a season does not sit in the object store, or in open work directories,
+        # all at once.
+        slots = sum(int(node["Resources"]["CPU"]) // self.cpus for node in _machines(self.ray))
+        try:
+            while waiting or self.runs:
+                while waiting and self._queued() < 2 * max(1, slots):
+                    self._open(*waiting.pop(0))
+                refs = [ref for run in self.runs.values() for ref in run.pending]
+                # Wait here, not inside ray.wait: a signal that arrives in Ray's own wait comes
+                # out as a plain KeyboardInterrupt, and SIGTERM would be reported as Ctrl-C.
+                ready, _ = self.ray.wait(refs, num_returns=len(refs), timeout=0) if refs else ([], [])
+                if not ready:
+                    time.sleep(_POLL_SECONDS)
+                for ref in ready:
+                    self._collect(ref)
+        except KeyboardInterrupt as exc:
+            self._stop_all()
+            report = BatchReport([r for r in self.results if r is not None], time.monotonic() - started,
+                                 interrupted=True)
+            raise BatchInterrupted(report, exc) from exc
+        finally:
+            for run in self.runs.values():
+                run.work.__exit__(None, None, None)
+            if self.storage == "object-store":
+                self._clean_machines()
+        return BatchReport(self.results, time.monotonic() - started)
+
+    def _queued(self) -> int:
+        return sum(len(run.pending) for run in self.runs.values())
+
+    def _finish(self, number: int, job: Job, result: JobResult) -> None:
+        run = self.runs.pop(number, None)
+        if run is not None:
+            run.work.__exit__(None, None, None)
+        self.results[number] = result
+        self.on_result(job, result)
+
+    def _open(self, number: int, job: Job) -> None:
+        remote = absolute(job)
+        if is_done(remote):
+            self._finish(number, job, JobResult(str(job.source), str(job.output), "skipped"))
+            return
+        self.on_start(job)
+        try:
+            run = self._prepare(number, job, remote)
+        except Exception as exc:  # noqa: BLE001 - one broken job must not stop a night's batch
+            self._finish(number, job, failed_result(job, exc))
+            return
+        self.runs[number] = run
+        try:
+            for index in range(len(run.starts)):
+                if index not in run.work.records:
+                    self._submit(run, index, self._after(run, index))
+            if not run.pending:  # every segment was complete from an earlier run
+                self._assemble(run)
+        except Exception as exc:  # noqa: BLE001
+            self._fail(run, failure_message(remote, exc))
+
+    def _prepare(self, number: int, job: Job, remote: Job) -> _JobRun:
+        """What a local run does before its first frame: the output checked, the input opened
+        (an unreadable one fails here, as it does locally), its segments planned, the work
+        directory taken, INT8 calibration frames read."""
+        started = time.monotonic()
+        prepare_output(remote)
+        check_output(remote.output, [remote.source], self.overwrite)
+        with VideoReader(remote.source, strict=remote.strict) as reader:
+            time_base = reader.info.time_base
+        starts = segment_starts(remote.source, self.segment_seconds, time_base)
+        calibration = evaluation = None
+        if remote.settings.precision == "int8":
+            # Read here once, not by every task: the gate judges INT8 on the input's own frames.
+            evaluation = calibration_frames(remote.source)
+            calibration = (evaluation if remote.settings.calibration is None
+                           else calibration_frames(remote.settings.calibration))
+        work = WorkDir(remote.output, resume_for(remote, self.segment_seconds))
+        try:
+            staged = self._stage(number, remote) if self.storage == "object-store" else None
+        except BaseException:
+            work.__exit__(None, None, None)
+            raise
+        return _JobRun(number, job, remote, work, starts, started, staged, calibration, evaluation,
+                       resumed_frames=sum(r.frames for r in work.records.values()))
+
+    def _stage(self, number: int, remote: Job) -> _Staged:
+        def put(name: str, path: Path) -> tuple[str, object]:
+            # Named by job: two jobs may read inputs of one name from different folders.
+            return f"{number}-{name}", self.ray.put(np.fromfile(path, dtype=np.uint8))
+
+        model = Path(remote.settings.model)
+        return _Staged(self.batch, put(remote.source.name, remote.source),
+                       put(model.name, model) if model.is_file() else None)
+
+    def _after(self, run: _JobRun, index: int) -> tuple[int, int] | None:
+        previous = run.work.records.get(index - 1)
+        return previous.last if previous is not None else None
+
+    def _submit(self, run: _JobRun, index: int, after: tuple[int, int] | None) -> None:
+        name = f"{TASK_PREFIX}{run.job.source.name} segment {index + 1}/{len(run.starts)}"
+        ref = self.task.options(name=name, num_cpus=self.cpus, max_retries=MAX_RETRIES,
+                                retry_exceptions=False).remote(
+            run.remote, run.starts, index, after, run.work.segment_path(index), run.staged,
+            run.calibration, run.evaluation)
+        run.pending[ref] = index
+
+    def _collect(self, ref) -> None:
+        run = next((run for run in self.runs.values() if ref in run.pending), None)
+        if run is None:
+            return  # a task of a job that failed meanwhile; cancelled then
+        index = run.pending.pop(ref)
+        try:
+            outcome = self.ray.get(ref)
+        except self.ray.exceptions.RayError as exc:
+            outcome = (f"segment {index + 1} was lost on Ray ({_first_line(exc)}); run the batch again "
+                       f"to go on from its complete segments")
+        if isinstance(outcome, str):
+            self._fail(run, outcome)
+            return
+        result, data = outcome
+        try:
+            self._keep(run, index, result, data)
+            if not run.pending:
+                self._assemble(run)
+        except Exception as exc:  # noqa: BLE001 - one broken job must not stop a night's batch
+            self._fail(run, failure_message(run.remote, exc))
+
+    def _keep(self, run: _JobRun, index: int, result: SegmentResult, data: bytes | None) -> None:
+        run.corrupt_packets += result.corrupt_packets
+        run.retimed_frames += result.retimed_frames
+        run.reused_frames += result.reused_frames
+        if result.record is None:
+            run.empty.add(index)
+            return
+        if data is not None:
+            with atomic_output(run.work.segment_path(index)) as tmp:
+                tmp.write_bytes(data)
+        run.work.complete(result.record)
+
+    def _assemble(self, run: _JobRun) -> None:
+        """Join a job whose segments are all in, or first do again the one whose timestamps were
+        made without knowing the previous segment's (see upscale_segment)."""
+        records = run.work.records
+        indices = sorted(records)
+        for previous, index in zip(indices, indices[1:]):
+            record, last_written = records[index], records[previous].last[1]
+            first = record.first_pts if last_written < record.first_pts else last_written + 1
+            if min(pts for pts, _, _ in record.packets) != first:
+                run.work.discard(index)
+                self._submit(run, index, records[previous].last)
+                return
+        frames = sum(records[i].frames for i in indices)
+        with VideoReader(run.remote.source, strict=run.remote.strict) as reader:
+            join_segments(run.remote.output, reader, run.remote.encoder, run.work.encoded(indices), frames)
+        write_sidecar(run.remote, frames)
+        run.work.remove()
+        seconds = time.monotonic() - run.started
+        self._finish(run.number, run.job, JobResult(
+            str(run.job.source), str(run.job.output), "done", frames=frames, seconds=round(seconds, 3),
+            fps=round(frames / seconds, 3) if seconds > 0 else 0.0, corrupt_packets=run.corrupt_packets,
+            retimed_frames=run.retimed_frames, reused_frames=run.reused_frames,
+            resumed_frames=run.resumed_frames))
+
+    def _fail(self, run: _JobRun, error: str) -> None:
+        """The job fails once: its other tasks are stopped, its complete segments kept."""
+        self._cancel(list(run.pending))
+        if not run.work.records:
+            run.work.remove()
+        self._finish(run.number, run.job, failed_result(run.job, error))
+
+    def _cancel(self, refs: list) -> None:
+        # Ray's gentle cancel (a KeyboardInterrupt in the task) did not stop a running segment in
+        # Ray 2.60: kill them, as kill -9 would. Nothing is at any output path then.
+        for ref in refs:
+            self.ray.cancel(ref, force=True)
+        if refs:
+            self.ray.wait(refs, num_returns=len(refs), timeout=_CANCEL_SECONDS)
+
+    def _stop_all(self) -> None:
+        self._cancel([ref for run in self.runs.values() for ref in run.pending])
+        for number, run in self.runs.items():
+            run.work.__exit__(None, None, None)
+            self.results[number] = interrupted_result(run.job)
+        self.runs.clear()
+
+    def _clean_machines(self) -> None:
+        """Remove the staged inputs from every machine (those that left keep theirs in their
+        temporary directory)."""
+        from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+        clean = self.ray.remote(_clean_staging)
+        refs = [clean.options(num_cpus=0, scheduling_strategy=NodeAffinitySchedulingStrategy(
+                    node["NodeID"], soft=False)).remote(self.batch) for node in _machines(self.ray)]
+        self.ray.wait(refs, num_returns=len(refs), timeout=_CANCEL_SECONDS)
 
 
 def _first_line(exc: BaseException) -> str:

@@ -6,8 +6,11 @@ A job file (TOML):
 
     output_dir = "upscaled"            # relative to the job file; --output-dir replaces it
     template = "{stem}.x2.mkv"         # fields: {stem}, {name}, {parent} of each input
+    segment_seconds = 120              # optional: segment length (resume, Ray); --segment-seconds wins
     ray = "auto"                       # optional: run on a Ray cluster (see distributed.py);
-    ray_cpus = 8                       # optional: CPUs each job claims there; --ray, --ray-cpus win
+    ray_cpus = 8                       # optional: CPUs each segment claims there;
+    ray_storage = "object-store"       # optional: inputs are not on shared storage;
+                                       # --ray, --ray-cpus and --ray-storage win
 
     [defaults]                         # settings for every job; any key may also sit in a job
     model = "realesr-animevideov3"
@@ -34,7 +37,7 @@ import typing
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from .config import UpscaleSettings
+from .config import RAY_STORAGES, UpscaleSettings
 from .errors import EXIT_SOME_FAILED, UsageError, VidscaleError
 from .media import OUTPUT_FORMATS, EncoderSettings, check_readable
 from .pipeline import upscale_video
@@ -46,6 +49,7 @@ SIDECAR_SUFFIX = ".vidscale.json"
 # What a directory given as input contributes: the files that look like videos.
 VIDEO_SUFFIXES = frozenset(OUTPUT_FORMATS) | {".mpg", ".mpeg", ".m2v", ".flv", ".wmv", ".ogv", ".3gp", ".vob"}
 _FINGERPRINT_BYTES = 1 << 20
+_RUN_KEYS = ("segment_seconds", "ray", "ray_cpus", "ray_storage")
 
 _ENGINE_KEYS = {f.name for f in dataclasses.fields(UpscaleSettings)} - {"cache_dir"}
 _ENCODER_KEYS = {"codec", "crf", "preset", "pix_fmt", "format", "options"}
@@ -177,15 +181,32 @@ def jobs_from_file(path: Path, output_dir: Path | None, values: dict, cache_dir:
     return _checked(jobs)
 
 
-def ray_options(path: Path) -> tuple[str | None, int | None]:
-    """A job file's `ray` (an address, "auto" or "local") and `ray_cpus` (CPUs per job), or None."""
+@dataclass(frozen=True)
+class RunOptions:
+    """How a job file says its batch runs; None where it does not say."""
+
+    segment_seconds: float | None = None
+    ray: str | None = None
+    """An address, "auto" or "local"."""
+    ray_cpus: int | None = None
+    ray_storage: str | None = None
+
+
+def run_options(path: Path) -> RunOptions:
     document = _read_job_file(path)
-    address, cpus = document.get("ray"), document.get("ray_cpus")
+    options = RunOptions(**{key: document.get(key) for key in _RUN_KEYS})
+    seconds, address, cpus, storage = (options.segment_seconds, options.ray, options.ray_cpus,
+                                       options.ray_storage)
+    if seconds is not None and not (isinstance(seconds, (int, float)) and not isinstance(seconds, bool)
+                                    and seconds > 0):
+        raise UsageError(f"{path}: segment_seconds = {seconds!r} is not valid; use a positive number")
     if address is not None and not (isinstance(address, str) and address):
         raise UsageError(f'{path}: ray = {address!r} is not valid; use "local", "auto" or "HOST:PORT"')
     if cpus is not None and not (isinstance(cpus, int) and not isinstance(cpus, bool) and cpus > 0):
-        raise UsageError(f"{path}: ray_cpus = {cpus!r} is not valid; use a whole number of CPUs per job")
-    return address, cpus
+        raise UsageError(f"{path}: ray_cpus = {cpus!r} is not valid; use a whole number of CPUs per segment")
+    if storage is not None and storage not in RAY_STORAGES:
+        raise UsageError(f'{path}: ray_storage = {storage!r} is not valid; use "shared" or "object-store"')
+    return options
 
 
 def _read_job_file(path: Path) -> dict:
@@ -195,10 +216,10 @@ def _read_job_file(path: Path) -> dict:
         raise UsageError(f"job file {path} does not exist; check the path") from None
     except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
         raise UsageError(f"job file {path} cannot be read ({exc}); fix it and run again") from None
-    unknown = sorted(set(document) - {"output_dir", "template", "defaults", "job", "ray", "ray_cpus"})
+    unknown = sorted(set(document) - {"output_dir", "template", "defaults", "job", *_RUN_KEYS})
     if unknown:
         raise UsageError(f"{path}: unknown key {', '.join(unknown)}; "
-                         f"use output_dir, template, ray, ray_cpus, [defaults] and [[job]]")
+                         f"use output_dir, template, {', '.join(_RUN_KEYS)}, [defaults] and [[job]]")
     return document
 
 
@@ -350,27 +371,40 @@ def interrupted_result(job: Job) -> JobResult:
     return JobResult(str(job.source), str(job.output), "failed", error="interrupted")
 
 
+def failure_message(job: Job, exc: Exception) -> str:
+    """The report's one line for a job that failed with `exc`."""
+    if isinstance(exc, VidscaleError):
+        return str(exc)
+    if isinstance(exc, OSError):
+        return f"cannot write {exc.filename or job.output} ({exc.strerror}); check the output directory"
+    return f"{type(exc).__name__}: {exc}"
+
+
+def failed_result(job: Job, exc: Exception | str) -> JobResult:
+    error = exc if isinstance(exc, str) else failure_message(job, exc)
+    return JobResult(str(job.source), str(job.output), "failed", error=error)
+
+
+def prepare_output(job: Job) -> None:
+    """Before a job runs: its output folder made (a template may put outputs in folders of their
+    own, {parent}/...), the sidecar vouching for an old output removed, the input checked."""
+    job.output.parent.mkdir(parents=True, exist_ok=True)
+    sidecar_path(job.output).unlink(missing_ok=True)
+    check_readable(job.source)
+
+
 def run_job(job: Job, overwrite: bool, segment_seconds: float, progress=None) -> JobResult:
     """One job, wherever it runs (here, or in a Ray worker). Every failure becomes a failed
     JobResult, never an exception, so that Ray does not retry what retrying cannot fix; only
     KeyboardInterrupt goes through (the job's temporary output is gone, its segments kept)."""
     try:
-        # A template may put outputs in folders of their own ({parent}/...).
-        job.output.parent.mkdir(parents=True, exist_ok=True)
-        sidecar_path(job.output).unlink(missing_ok=True)  # it would vouch for the old output
-        check_readable(job.source)  # before fingerprinting it for resume_for
+        prepare_output(job)  # the input checked before resume_for fingerprints it
         result = upscale_video(job.source, job.output, job.settings, job.encoder, strict=job.strict,
                                overwrite=overwrite, progress=progress,
                                resume=resume_for(job, segment_seconds))
         write_sidecar(job, result.frames)
-    except VidscaleError as exc:
-        return JobResult(str(job.source), str(job.output), "failed", error=str(exc))
-    except OSError as exc:
-        return JobResult(str(job.source), str(job.output), "failed",
-                         error=f"cannot write {exc.filename or job.output} ({exc.strerror}); "
-                               f"check the output directory")
     except Exception as exc:  # noqa: BLE001 - one broken job must not stop a night's batch
-        return JobResult(str(job.source), str(job.output), "failed", error=f"{type(exc).__name__}: {exc}")
+        return failed_result(job, exc)
     return JobResult(str(job.source), str(job.output), "done", frames=result.frames,
                      seconds=round(result.seconds, 3), fps=round(result.fps, 3),
                      corrupt_packets=result.corrupt_packets, retimed_frames=result.retimed_frames,
