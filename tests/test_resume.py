@@ -17,7 +17,7 @@ from vidscale import segments
 from vidscale.cli import main
 from vidscale.config import UpscaleSettings
 from vidscale.media import EncodedSegment, EncoderSettings, VideoFrame, VideoReader, join_segments
-from vidscale.pipeline import upscale_segment
+from vidscale.pipeline import FrameUpscaler, upscale_segment
 
 LOSSLESS = ["-c:v", "ffv1", "--progress", "none"]
 # x264 at a preset with B-frames: each segment's encoder starts afresh with its own reorder delay.
@@ -194,7 +194,7 @@ def test_segments_upscaled_on_their_own_join_into_what_one_run_gives(tmp_path, r
     whole = tmp_path / "whole.mkv"
     assert run("upscale", str(source), "-o", str(whole), *LOSSLESS)[0] == 0
 
-    settings = UpscaleSettings(model=str(identity_x2), cache_dir=cache_dir)
+    frame_upscaler = FrameUpscaler(UpscaleSettings(model=str(identity_x2), cache_dir=cache_dir))
     encoder = EncoderSettings(codec="ffv1")
     with VideoReader(source) as reader:
         starts = segments.segment_starts(source, 0.3, reader.info.time_base)
@@ -202,7 +202,7 @@ def test_segments_upscaled_on_their_own_join_into_what_one_run_gives(tmp_path, r
     pieces = []
     for index in reversed(range(len(starts))):  # in any order, each on its own
         path = tmp_path / f"piece{index}.mkv"
-        record = upscale_segment(source, path, starts, index, settings, encoder).record
+        record = upscale_segment(source, path, starts, index, frame_upscaler, encoder).record
         assert record.first_pts == (starts[index] if index else 0)
         pieces.insert(0, (EncodedSegment(path, record.packets, record.extradata), record.frames))
     joined = tmp_path / "joined.mkv"

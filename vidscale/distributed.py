@@ -42,7 +42,7 @@ from .config import RAY_STORAGES
 from .jobs import (BatchInterrupted, BatchReport, Job, JobResult, failed_result, failure_message,
                    interrupted_result, is_done, prepare_output, resume_for, write_sidecar)
 from .media import VideoReader, atomic_output, check_output, join_segments
-from .pipeline import SegmentResult, calibration_frames, upscale_segment
+from .pipeline import FrameUpscaler, SegmentResult, calibration_frames, upscale_segment
 from .segments import DEFAULT_SEGMENT_SECONDS, WorkDir, segment_starts
 
 # Attempts after the first for a segment whose worker was lost (process killed, machine gone).
@@ -157,6 +157,22 @@ def _staging_folder(batch: str) -> Path:
     return Path(tempfile.gettempdir()) / _STAGING / batch
 
 
+# The model a worker process compiled for its last segment, kept for the next one of the same
+# settings (compiling takes seconds, a resizing x2/x3 graph even from OpenVINO's cache). INT8 is
+# judged on each job's own frames, so it is not kept.
+_last_upscaler: dict[object, FrameUpscaler] = {}
+
+
+def _frame_upscaler(job: Job, calibration, evaluation) -> FrameUpscaler:
+    if job.settings.precision == "int8":
+        return FrameUpscaler(job.settings, calibration=calibration, evaluation=evaluation)
+    upscaler = _last_upscaler.get(job.settings)
+    if upscaler is None:
+        _last_upscaler.clear()
+        upscaler = _last_upscaler[job.settings] = FrameUpscaler(job.settings)
+    return upscaler
+
+
 def _segment_task(job: Job, starts: list[int], index: int, after: tuple[int, int] | None,
                   target: Path, staged: _Staged | None, calibration, evaluation):
     """One segment, in a Ray worker: (SegmentResult, the segment's bytes when they must travel
@@ -166,9 +182,9 @@ def _segment_task(job: Job, starts: list[int], index: int, after: tuple[int, int
     try:
         if staged is not None:
             job, target = _unstage(job, index, staged)
-        result = upscale_segment(job.source, target, starts, index, job.settings, job.encoder,
-                                 strict=job.strict, after=after, calibration=calibration,
-                                 evaluation=evaluation)
+        result = upscale_segment(job.source, target, starts, index,
+                                 _frame_upscaler(job, calibration, evaluation), job.encoder,
+                                 strict=job.strict, after=after)
         if staged is None or result.record is None:
             return result, None
         try:

@@ -367,22 +367,19 @@ class SegmentResult:
     reused_frames: int
 
 
-def upscale_segment(source: Path, target: Path, starts: list[int], index: int,
-                    settings: UpscaleSettings = UpscaleSettings(), encoder: EncoderSettings = EncoderSettings(),
-                    *, strict: bool = False, after: tuple[int, int] | None = None,
-                    calibration: list[np.ndarray] | None = None,
-                    evaluation: list[np.ndarray] | None = None) -> SegmentResult:
+def upscale_segment(source: Path, target: Path, starts: list[int], index: int, frame_upscaler: FrameUpscaler,
+                    encoder: EncoderSettings = EncoderSettings(), *, strict: bool = False,
+                    after: tuple[int, int] | None = None) -> SegmentResult:
     """Upscale segment `index` alone, of the segments starting at `starts` (segments.segment_starts
     of `source`), into `target`, decoding from the keyframe it starts at: one piece of a long
     video upscaled on a machine of its own (distributed.py). The file and record are those the
     segmented upscale_video makes for this segment when `after` is what it is there, the
     (source pts, written pts) of the previous segment's last frame; None when unknown, which
     only matters when that frame's timestamp was moved as far as this segment's first.
-    calibration, evaluation: as for FrameUpscaler, so INT8 is judged as in the whole run.
+    `frame_upscaler` may serve many segments (compiling a model for a shape takes seconds).
     """
     from .progress import Progress
 
-    frame_upscaler = FrameUpscaler(settings, calibration=calibration, evaluation=evaluation)
     with VideoReader(source, strict=strict) as reader:
         plan, model, encoder = _prepare(frame_upscaler, reader, encoder)
         out_h, out_w = plan.out_shape
@@ -394,7 +391,7 @@ def upscale_segment(source: Path, target: Path, starts: list[int], index: int,
         with SegmentSink(lone, lambda path, _: VideoWriter(path, reader, out_w, out_h, encoder, segment=True,
                                                            after=after)) as sink:
             decoded, reused = _run_stages(_Window(reader, start, end), sink, plan, model, Progress(),
-                                          settings.dedup, Cutter(starts, {}, first=index))
+                                          frame_upscaler.settings.dedup, Cutter(starts, {}, first=index))
             sink.finish(decoded)
     return SegmentResult(lone.records.get(index), reader.corrupt_packets, sink.retimed_frames, reused)
 
