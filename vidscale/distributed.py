@@ -240,8 +240,6 @@ class _JobRun:
     resumed_frames: int
     pending: dict = field(default_factory=dict)
     """{ObjectRef: segment index} of its tasks not yet collected."""
-    empty: set[int] = field(default_factory=set)
-    """Segments no frame falls in."""
     corrupt_packets: int = 0
     retimed_frames: int = 0
     reused_frames: int = 0
@@ -319,7 +317,7 @@ class _Driver:
             if not run.pending:  # every segment was complete from an earlier run
                 self._assemble(run)
         except Exception as exc:  # noqa: BLE001
-            self._fail(run, failure_message(remote, exc))
+            self._fail(run, failure_message(job, exc))
 
     def _prepare(self, number: int, job: Job, remote: Job) -> _JobRun:
         """What a local run does before its first frame: the output checked, the input opened
@@ -386,15 +384,14 @@ class _Driver:
             if not run.pending:
                 self._assemble(run)
         except Exception as exc:  # noqa: BLE001 - one broken job must not stop a night's batch
-            self._fail(run, failure_message(run.remote, exc))
+            self._fail(run, failure_message(run.job, exc))
 
     def _keep(self, run: _JobRun, index: int, result: SegmentResult, data: bytes | None) -> None:
         run.corrupt_packets += result.corrupt_packets
         run.retimed_frames += result.retimed_frames
         run.reused_frames += result.reused_frames
         if result.record is None:
-            run.empty.add(index)
-            return
+            return  # no frame falls in it: the join passes over it as a local run does
         if data is not None:
             with atomic_output(run.work.segment_path(index)) as tmp:
                 tmp.write_bytes(data)

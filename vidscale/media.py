@@ -350,13 +350,11 @@ class VideoInfo:
 @dataclass(frozen=True, eq=False)
 class VideoFrame:
     """One decoded frame of the upscaled stream: `index` counts from 0 in presentation order,
-    `pts` is in the video stream's time_base, `rgb` is (H, W, 3) uint8, or uint16 when deep.
-    `key`: the source coded it as a keyframe (where a resumable run may start a segment)."""
+    `pts` is in the video stream's time_base, `rgb` is (H, W, 3) uint8, or uint16 when deep."""
 
     index: int
     pts: int
     rgb: np.ndarray
-    key: bool = False
 
 
 def default_colorspace(width: int, height: int) -> str:
@@ -588,7 +586,7 @@ class VideoReader:
                 src_color_range=_SWS_RANGE[info.color_range], dst_color_range=ColorRange.JPEG,
                 interpolation=_SWS_FLAGS_DEEP_DECODE if self.deep else _SWS_FLAGS)
         self._next_index += 1
-        return VideoFrame(index, frame.pts, rgb.to_ndarray(), frame.key_frame)
+        return VideoFrame(index, frame.pts, rgb.to_ndarray())
 
 
 def _rotate_tag(stream) -> int:
