@@ -7,6 +7,7 @@ for another compiled model. This is the whole point of the project (see DESIGN.m
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import os
 import threading
@@ -186,10 +187,12 @@ class Engine:
                              f"(native x{self.native_scale}); use a scale from 1 to {self.native_scale}")
 
     def upscaler(self, tile_shape: tuple[int, int], *, batch: int = 1, outscale: int | None = None,
-                 sample: str = "u8", streams: int = 0) -> Upscaler:
+                 sample: str = "u8", streams: int = 0, requests: int = 0) -> Upscaler:
         """The compiled model for exactly this input shape, compiling it on first use.
 
         streams: parallel inference streams on the device (0: OpenVINO's throughput default).
+        requests: inference requests its queues keep in flight (0: EngineSettings.requests, else
+        what OpenVINO finds optimal); the same compiled model serves every count.
         """
         outscale = self.native_scale if outscale is None else outscale
         self.check_outscale(outscale)
@@ -203,17 +206,17 @@ class Engine:
         precision = self.precision_for(sample)
         key = (h, w, batch, outscale, sample, precision, self.settings.device, streams)
         with self._lock:
-            found = self._compiled.get(key)
-            if found is not None:
+            upscaler = self._compiled.get(key)
+            if upscaler is not None:
                 self._compiled.move_to_end(key)
-                return found
-            ir = self._int8_ir.clone() if self._int8_ir is not None else self.float_ir()
-            upscaler = self.wrap(ir, h, w, batch=batch, outscale=outscale, sample=sample, precision=precision,
-                                 streams=streams)
-            self._compiled[key] = upscaler
-            if len(self._compiled) > _COMPILED_CACHE_SIZE:
-                self._compiled.popitem(last=False)
-            return upscaler
+            else:
+                ir = self._int8_ir.clone() if self._int8_ir is not None else self.float_ir()
+                upscaler = self.wrap(ir, h, w, batch=batch, outscale=outscale, sample=sample,
+                                     precision=precision, streams=streams)
+                self._compiled[key] = upscaler
+                if len(self._compiled) > _COMPILED_CACHE_SIZE:
+                    self._compiled.popitem(last=False)
+        return upscaler if requests in (0, upscaler.requests) else upscaler.with_requests(requests)
 
     def wrap(self, ir: ov.Model, h: int, w: int, *, batch: int, outscale: int, sample: str,
              precision: str, streams: int = 0) -> Upscaler:
@@ -291,6 +294,12 @@ class Upscaler:
                               f"expected {expected}; this model cannot be used at this shape")
         self.requests = requests or compiled.get_property("OPTIMAL_NUMBER_OF_INFER_REQUESTS")
         self._sync_request = compiled.create_infer_request()
+
+    def with_requests(self, requests: int) -> Upscaler:
+        """The same compiled model, its queues keeping `requests` requests in flight."""
+        other = copy.copy(self)
+        other.requests = requests
+        return other
 
     def check(self, batch: np.ndarray) -> None:
         if batch.shape != self.input_shape or batch.dtype != self.dtype:

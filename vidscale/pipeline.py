@@ -19,7 +19,7 @@ from .media import (EncoderSettings, VideoFrame, VideoReader, VideoWriter, check
 from .models import LoadedModel, resolve
 from .segments import Cutter, LoneSegment, Resume, SegmentRecord, SegmentSink, WorkDir, segment_starts
 from .tiling import TilePlan, choose_tile, plan_tiles, round_up, split, stitch
-from .tuning import tuned
+from .tuning import Choice, tuned
 
 _SAMPLES = {np.dtype(np.uint8): "u8", np.dtype(np.uint16): "u16"}
 
@@ -79,7 +79,8 @@ class FrameUpscaler:
                                                         cache_dir=settings.cache_dir), calibration, evaluation)
         self.engine.check_outscale(settings.scale)  # before any frame arrives
         self._plans: dict[tuple[int, int], TilePlan] = {}
-        self._streams: dict[tuple[int, int], int] = {}
+        self._tuned: dict[tuple[int, int], Choice] = {}
+        self._upscalers: dict[tuple[int, int, str], Upscaler] = {}
         self._queues: dict[Upscaler, InferQueue] = {}
 
     @property
@@ -98,7 +99,8 @@ class FrameUpscaler:
                 if self.settings.tune:
                     choice = tuned(self.engine, height, width, outscale=self.scale, overlap=self.settings.overlap,
                                    max_pixels=max_pixels)
-                    tile, self._streams[key] = choice.tile, choice.streams
+                    self._tuned[key] = choice
+                    tile = choice.tile
                 else:
                     tile = choose_tile(height, width, max_pixels=max_pixels, multiple=multiple,
                                        overlap=self.settings.overlap)
@@ -114,8 +116,17 @@ class FrameUpscaler:
         return plan
 
     def upscaler_for(self, plan: TilePlan, sample: str) -> Upscaler:
-        streams = self._streams.get((plan.height, plan.width), 0)
-        return self.engine.upscaler(plan.tile_shape, outscale=self.scale, sample=sample, streams=streams)
+        """The compiled model for this plan's tiles: with --tune, compiled and queued as measured
+        fastest (streams, tiles per request, requests in flight)."""
+        key = (plan.height, plan.width, sample)
+        upscaler = self._upscalers.get(key)
+        if upscaler is None:
+            choice = self._tuned.get((plan.height, plan.width))
+            options = {} if choice is None else {"streams": choice.streams, "batch": choice.batch,
+                                                 "requests": choice.requests}
+            upscaler = self._upscalers[key] = self.engine.upscaler(plan.tile_shape, outscale=self.scale,
+                                                                   sample=sample, **options)
+        return upscaler
 
     def __call__(self, frame: np.ndarray) -> np.ndarray:
         sample = sample_type(frame.dtype)
@@ -124,12 +135,11 @@ class FrameUpscaler:
         plan = self.plan(frame.shape[0], frame.shape[1])
         upscaler = self.upscaler_for(plan, sample)
         tiles = split(plan, frame)
-        if len(plan) == 1:
+        if tiles.shape == upscaler.input_shape:
             return stitch(plan, upscaler(tiles))
         results = np.empty((len(plan), *upscaler.output_shape[1:]), upscaler.dtype)
         queue = self._queue(upscaler)
-        for index in range(len(plan)):
-            queue.submit(tiles[index : index + 1], (results, index))
+        submit_tiles(queue, tiles, results)
         queue.wait_all()
         return stitch(plan, results)
 
@@ -140,9 +150,27 @@ class FrameUpscaler:
         return queue
 
 
+def submit_tiles(queue: InferQueue, tiles: np.ndarray, target) -> None:
+    """Submit a frame's tiles, as many per request as the model was compiled for; a short last
+    request is filled up with copies of its last tile, whose outputs are dropped. The callback
+    gets (target, index of the request's first tile)."""
+    batch = queue.upscaler.input_shape[0]
+    for first in range(0, len(tiles), batch):
+        chunk = tiles[first : first + batch]
+        if len(chunk) < batch:
+            chunk = np.concatenate([chunk, np.repeat(chunk[-1:], batch - len(chunk), axis=0)])
+        queue.submit(chunk, (target, first))
+
+
+def _place(results: np.ndarray, first: int, output: np.ndarray) -> int:
+    """Copy a request's outputs, tiles `first` on, into `results`; how many tiles it held."""
+    count = min(len(output), len(results) - first)
+    results[first : first + count] = output[:count]
+    return count
+
+
 def _store_tile(target: tuple[np.ndarray, int], output: np.ndarray) -> None:
-    results, index = target
-    results[index] = output[0]
+    _place(*target, output)
 
 
 # Frames between the decoder and the encoder at any moment (decoded, in inference, awaiting
@@ -279,18 +307,18 @@ class _PendingFrame:
         self._remaining = len(results)
         self._lock = threading.Lock()
 
-    def store(self, tile: int, output: np.ndarray) -> None:
-        self.results[tile] = output[0]
+    def store(self, first: int, output: np.ndarray) -> None:
+        count = _place(self.results, first, output)
         with self._lock:
-            self._remaining -= 1
+            self._remaining -= count
             finished = self._remaining == 0
         if finished:
             self.done.set()
 
 
 def _store_pending(target: tuple[_PendingFrame, int], output: np.ndarray) -> None:
-    pending, tile = target
-    pending.store(tile, output)
+    pending, first = target
+    pending.store(first, output)
 
 
 def upscale_video(source, destination, settings: UpscaleSettings = UpscaleSettings(),
@@ -538,9 +566,7 @@ def _run_stages(reader: VideoReader | _Window, writer: VideoWriter | SegmentSink
             if not run.acquire(slots):
                 break
             pending = _PendingFrame(event.index, event.pts, np.empty(result_shape, model.dtype))
-            tiles = split(plan, event.rgb)
-            for tile in range(len(plan)):
-                inference.submit(tiles[tile : tile + 1], (pending, tile))
+            submit_tiles(inference, split(plan, event.rgb), pending)
             ordered.put(pending)
         ordered.put(_END)
         inference.wait_all()
