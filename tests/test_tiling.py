@@ -142,6 +142,17 @@ def test_split_and_stitch_fill_caller_buffers():
     assert np.array_equal(result, np.repeat(np.repeat(frame, 2, axis=0), 2, axis=1))
 
 
+@pytest.mark.parametrize("height, width", [(96, 128), (90, 125)])
+def test_a_one_tile_plan_stitches_without_copying(height, width):
+    plan = plan_tiles(height, width, tile=(96, 128), overlap=16, scale=2, multiple=4)
+    assert len(plan) == 1
+    frame = np.random.default_rng(1).integers(0, 256, (height, width, 3), np.uint8)
+    upscaled = np.repeat(np.repeat(split(plan, frame), 2, axis=1), 2, axis=2)
+    result = stitch(plan, upscaled)
+    assert np.shares_memory(result, upscaled)  # the padding, if any, is sliced off, not copied
+    assert np.array_equal(result, np.repeat(np.repeat(frame, 2, axis=0), 2, axis=1))
+
+
 def test_split_reflect_pads_small_frame_like_numpy():
     plan = plan_tiles(5, 6, tile=(64, 64), overlap=16, multiple=4)
     assert plan.tile_shape == (8, 8) and len(plan) == 1

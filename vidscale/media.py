@@ -865,8 +865,11 @@ class VideoWriter:
         if rgb.shape != (self.height, self.width, 3) or rgb.dtype not in (np.uint8, np.uint16):
             raise MediaError(f"{self.label}: frame at pts {pts} is {rgb.dtype} {rgb.shape}, "
                              f"expected ({self.height}, {self.width}, 3) uint8 or uint16")
-        frame = av.VideoFrame.from_ndarray(
-            np.ascontiguousarray(rgb), format="rgb48le" if rgb.dtype == np.uint16 else "rgb24")
+        if rgb.strides[1:] != (3 * rgb.itemsize, rgb.itemsize):
+            rgb = np.ascontiguousarray(rgb)
+        # Wrapped, not copied (a 4x frame is megabytes; rows may be strided, as a stitched view's
+        # are): the conversion below makes the frame the encoder keeps.
+        frame = av.VideoFrame.from_numpy_buffer(rgb, format="rgb48le" if rgb.dtype == np.uint16 else "rgb24")
         frame = self._reformatter.reformat(frame, **self._to_yuv)
         frame.pts = pts
         frame.time_base = self.reader.info.time_base

@@ -287,6 +287,8 @@ def stitch(plan: TilePlan, tiles_out, out: np.ndarray | None = None) -> np.ndarr
 
     ``tiles_out`` is an (n, tile_h*scale, tile_w*scale, C) array or a sequence of n such tiles.
     Every tile's shape is checked: a wrong-shaped model output must fail loudly, never be pasted.
+    A plan of one tile gives a view of it (no ``out``): a 4x frame is megabytes to copy, and its
+    keep region already is the frame.
     """
     if len(tiles_out) != len(plan):
         raise ValueError(f"got {len(tiles_out)} tiles for a plan of {len(plan)}")
@@ -295,15 +297,17 @@ def stitch(plan: TilePlan, tiles_out, out: np.ndarray | None = None) -> np.ndarr
     if first.ndim != 3:
         raise ValueError(f"tiles must be (h, w, C), got shape {first.shape}")
     shape = (*plan.out_shape, first.shape[2])
-    if out is None:
+    if out is None and len(plan) > 1:
         out = np.empty(shape, dtype=first.dtype)
-    elif out.shape != shape:
+    elif out is not None and out.shape != shape:
         raise ValueError(f"out has shape {out.shape}; expected {shape}")
     for i, (tile, data) in enumerate(zip(plan.tiles, tiles_out)):
         if data.shape != (*expected, shape[2]):
             raise ValueError(
                 f"tile {i} has shape {data.shape}; the plan expects {(*expected, shape[2])}"
             )
+        if out is None:  # the one tile
+            return data[tile.keep]
         out[tile.dst] = data[tile.keep]
     return out
 
