@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from clips import demux_all, make_clip, stream_tags
-from vidscale import segments
+from vidscale import pipeline, segments
 from vidscale.cli import main
 from vidscale.config import UpscaleSettings
 from vidscale.media import EncodedSegment, EncoderSettings, VideoFrame, VideoReader, join_segments
@@ -129,19 +129,26 @@ def test_resume_after_sigkill_keeps_complete_segments_and_gives_the_same_output(
             for p in work.glob("segment-*.json")}
     assert 2 <= len(done) and sum(done.values()) < 300
 
-    redone = []
-    original = segments.WorkDir.complete
+    redone, sought = [], []
+    original_complete, original_seek = segments.WorkDir.complete, VideoReader.seek
 
     def complete(self, record):
         redone.append(record.index)
-        original(self, record)
+        original_complete(self, record)
+
+    def seek(self, pts):
+        sought.append(pts)
+        original_seek(self, pts)
 
     monkeypatch.setattr(segments.WorkDir, "complete", complete)
+    monkeypatch.setattr(VideoReader, "seek", seek)
     status, err = run(*command)
     assert status == 0, err
     assert f"{sum(done.values())} frames resumed from an earlier run" in err, (done, err)
     assert redone and not set(redone) & set(done)  # complete segments were not done again
     assert min(redone) == len(done) and sorted(done) == list(range(len(done)))
+    # Nor decoded again: the run started at the first segment left to do (frames are 40 ms apart).
+    assert sought == [sum(done.values()) * 40]
     assert [p.name for p in out.iterdir()] == [target.name]  # the work directory is gone
 
     whole = tmp_path / "whole.mkv"
@@ -209,3 +216,24 @@ def test_segments_upscaled_on_their_own_join_into_what_one_run_gives(tmp_path, r
     with VideoReader(source) as reader:
         join_segments(joined, reader, encoder, [piece for piece, _ in pieces], sum(n for _, n in pieces))
     assert_same_output(joined, whole)
+
+
+def test_a_run_stopped_after_its_last_segment_only_joins_when_run_again(tmp_path, run, monkeypatch):
+    source = make_clip(tmp_path / "in.mkv", frames=20, gop=5, subtitles=True)
+    target = tmp_path / "out.mkv"
+    command = ["upscale", str(source), "-o", str(target), *LOSSLESS, "--resume", "--segment-seconds", "0.2"]
+
+    def stopped(*_, **__):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(pipeline, "join_segments", stopped)
+    assert run(*command)[0] == 130  # stopped as Ctrl-C stops it, with every segment complete
+    assert len(list(segments.work_dir_for(target).glob("segment-*.json"))) == 4
+    monkeypatch.undo()
+    monkeypatch.setattr(VideoReader, "seek", lambda *_: pytest.fail("nothing is left to decode"))
+    status, err = run(*command)
+    assert status == 0, err
+    assert "20 frames resumed from an earlier run" in err
+    whole = tmp_path / "whole.mkv"
+    assert run("upscale", str(source), "-o", str(whole), *LOSSLESS)[0] == 0
+    assert_same_output(target, whole)

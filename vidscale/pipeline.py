@@ -465,21 +465,31 @@ def _upscale_in_segments(reader: VideoReader, source, destination: Path, encoder
     out_w, out_h = size
     with WorkDir(destination, resume) as work:
         starts = segment_starts(Path(source), resume.segment_seconds, reader.info.time_base)
-        cutter = Cutter(starts, work.records)
+        # The segments an earlier run completed from the start on are sought past, not decoded.
+        first = next((i for i in range(len(starts)) if i not in work.records), len(starts))
         with SegmentSink(work, lambda path, after: VideoWriter(path, reader, out_w, out_h, encoder,
                                                                segment=True, after=after)) as sink:
+            sink.passed(range(first))
             progress.start(reader.expected_frames, reader.label)
             ready = time.monotonic()
+            decoded = reused = 0
             try:
-                decoded, reused = _run_stages(reader, sink, plan, model, progress, dedup, cutter)
+                if first < len(starts):
+                    events = reader
+                    if first > 0:
+                        reader.seek(starts[first])
+                        events = _Window(reader, starts[first], None)
+                    decoded, reused = _run_stages(events, sink, plan, model, progress, dedup,
+                                                  Cutter(starts, work.records, first))
             finally:
                 progress.close()
             sink.finish(decoded)
+        frames = sink.frames_written
         # A reader of its own: the other streams are copied from the start of the file.
         with VideoReader(source, strict=strict) as again:
-            join_segments(destination, again, encoder, work.encoded(sink.indices), decoded)
+            join_segments(destination, again, encoder, work.encoded(sink.indices), frames)
     work.remove()
-    return VideoResult(output=str(destination), frames=decoded, seconds=time.monotonic() - started,
+    return VideoResult(output=str(destination), frames=frames, seconds=time.monotonic() - started,
                        corrupt_packets=reader.corrupt_packets, retimed_frames=sink.retimed_frames,
                        reused_frames=reused, resumed_frames=sink.resumed_frames, setup_seconds=ready - started)
 

@@ -153,7 +153,9 @@ class WorkDir:
 def segment_starts(path: Path, seconds: float, time_base: Fraction) -> list[int]:
     """The pts (video time base) each segment of `path` starts at: its first keyframe, then the
     first keyframe `seconds` or more after the start of the segment before."""
-    ticks = Fraction(seconds) / time_base
+    # Through str: Fraction(0.2) is the binary float just above 0.2, which would pass over a
+    # keyframe exactly 0.2 s on.
+    ticks = Fraction(str(seconds)) / time_base
     starts: list[int] = []
     for pts in keyframe_pts(path):
         if not starts or pts - starts[-1] >= ticks:
@@ -216,6 +218,8 @@ class SegmentSink:
         self._open_writer = open_writer
         self.indices: list[int] = []
         self.frames_written = self.retimed_frames = self.resumed_frames = 0
+        self._passed_frames = 0
+        self._current: int | None = None
         self._writer: VideoWriter | None = None
         self._first_pts = 0
         self._segment_frames = 0
@@ -228,9 +232,20 @@ class SegmentSink:
         if self._writer is not None and exc is not None:
             self._writer.__exit__(exc_type, exc, tb)
 
+    def passed(self, indices: range) -> None:
+        """Segments complete from an earlier run that decoding starts after (a seek past them)."""
+        for index in indices:
+            record = self.work.records[index]
+            self.indices.append(index)
+            self.frames_written += record.frames
+            self.resumed_frames += record.frames
+            self._passed_frames += record.frames
+            self._last = record.last
+
     def start(self, index: int, first_pts: int, decoded_before: int) -> None:
         """Segment `index` starts with the frame at `first_pts`, after `decoded_before` frames."""
         self.finish(decoded_before)
+        self._current = index
         self.indices.append(index)
         self._first_pts, self._segment_frames = first_pts, 0
         record = self.work.records.get(index)
@@ -251,14 +266,13 @@ class SegmentSink:
         self.resumed_frames += 1
 
     def finish(self, decoded: int) -> None:
-        """End the current segment, once `decoded` frames were decoded in all: a new one is
-        marked complete only when every frame decoded for it was encoded into it."""
-        if not self.indices:
+        """End the current segment, once `decoded` frames were decoded in all (by this run): a
+        new one is marked complete only when every frame decoded for it was encoded into it."""
+        if self._current is None:
             return
-        index = self.indices[-1]
-        if self.frames_written != decoded:
-            raise MediaError(f"segment {index} got {self.frames_written} of {decoded} decoded frames; "
-                             f"it was not kept")
+        index, written = self._current, self.frames_written - self._passed_frames
+        if written != decoded:
+            raise MediaError(f"segment {index} got {written} of {decoded} decoded frames; it was not kept")
         writer, self._writer = self._writer, None
         if writer is None:
             record = self.work.records[index]
