@@ -1,15 +1,24 @@
-"""End-to-end fps of `vidscale upscale` against the bare compiled model on the same shapes.
+"""End-to-end fps of `vidscale upscale` against the bare compiled model, and what reuse adds.
 
-For each model and precision, three fresh processes run one after another in this one benchmark
-run: the bare compiled model kept busy with every tile of N frames (the limit), then the whole
-pipeline (decode, tile, infer, stitch, encode, mux with audio) with a fast encoder (ffv1) and with
-the default encoder (libx264 crf 18 preset slow), both with duplicate-frame reuse off, so that
-ratio = pipeline fps / bare fps is the pipeline's efficiency; then ffv1 with reuse at its default
-threshold, whose ratio shows what reuse adds. Each process reports its own peak RSS. Pipeline fps
-is counted from the first frame (VideoResult.steady_fps), as the bare model's is from its first
-timed request: loading and compiling once per run is reported apart, as "setup".
+Efficiency: for each model and precision, fresh processes run one after another in this one
+benchmark run: the bare compiled model kept busy with every tile of N frames (the limit), then the
+whole pipeline (decode, tile, infer, stitch, encode, mux with audio) with a fast encoder (ffv1) and
+with the default encoder (libx264 crf 18 preset slow), both with duplicate-frame reuse off, so
+that ratio = pipeline fps / bare fps is the pipeline's efficiency. N is what the bare model does in
+about --seconds.
+
+Reuse: the pipeline (ffv1) with reuse off and at each of --thresholds (default: the default
+threshold) on the first --reuse-frames frames, ratio = fps with reuse / fps without. How many frames reuse finds depends on the stretch of
+the clip (a few frames may all be one drawing, or all new ones), so this stretch is fixed and long
+rather than sized by speed: the default 96 frames of the One Piece demo reuse as often as the
+whole clip does.
+
+Each process reports its own peak RSS. Pipeline fps is counted from the first frame
+(VideoResult.steady_fps), as the bare model's is from its first timed request: loading and
+compiling once per run is reported apart, as "setup".
 
     python bench/pipeline_bench.py [--clip ../shared/media/realesrgan_onepiece_demo.mp4] [--seconds 30]
+    python bench/pipeline_bench.py --measure reuse --models realesr-animevideov3 --precisions bf16
 """
 
 from __future__ import annotations
@@ -26,10 +35,11 @@ from common import DEFAULT_CLIP, cut, peak_rss_mb, run_child, serve_child
 from vidscale.config import DEFAULT_DEDUP
 
 MODELS = ["realesr-animevideov3", "RealESRGAN_x4plus_anime_6B"]
-# (column, encoder settings, dedup): efficiency is measured with reuse off, so that the pipeline
-# does exactly the bare model's work; the last column shows what reuse adds on top.
-RUNS = [("ffv1", {"codec": "ffv1"}, None), ("x264 default", {"codec": "libx264"}, None),
-        ("ffv1 + reuse", {"codec": "ffv1"}, DEFAULT_DEDUP)]
+# (column, encoder settings): efficiency is measured with reuse off, so that the pipeline does
+# exactly the bare model's work.
+RUNS = [("ffv1", {"codec": "ffv1"}), ("x264 default", {"codec": "libx264"})]
+REUSE_ENCODER = {"codec": "ffv1"}
+REUSE_FRAMES = 96
 
 
 def child_bare(model: str, precision: str, height: int, width: int, frames: int, cache: str) -> dict:
@@ -73,14 +83,73 @@ def in_child(kind: str, **kwargs) -> dict:
     return run_child(__file__, {"kind": kind, **kwargs})
 
 
+def _best_of(rounds: int, jobs: list[dict]) -> list[dict]:
+    """Each job run `rounds` times, interleaved, the fastest of each: other load on a shared host
+    only ever slows a run down, so the fastest of a few is the least disturbed."""
+    best = [None] * len(jobs)
+    for _ in range(rounds):
+        for index, job in enumerate(jobs):
+            best[index] = _faster(best[index], in_child(**job))
+    return best
+
+
+def efficiency(args, cache: str, tmp: Path, height: int, width: int, total: int) -> None:
+    header = (f"{'model':27} {'prec':>4} {'tiles':>5} {'bare fps':>8} | "
+              + " | ".join(f"{name + ' fps':>16} {'ratio':>5} {'RSS MB':>6}" for name, _ in RUNS))
+    print(header)
+    print("-" * len(header))
+    for model in args.models:
+        for precision in args.precisions:
+            probe = in_child("bare", model=model, precision=precision, height=height, width=width,
+                             frames=2, cache=cache)
+            frames = int(min(total, max(8, probe["fps"] * args.seconds)))
+            clip = cut(args.clip, frames, tmp / f"cut{frames}.mkv")
+            bare, *runs = _best_of(args.rounds, [
+                dict(kind="bare", model=model, precision=precision, height=height, width=width, frames=frames,
+                     cache=cache),
+                *(dict(kind="pipeline", model=model, precision=precision, clip=str(clip), encoder=encoder,
+                       cache=cache, dedup=None) for _, encoder in RUNS)])
+            cells = [f"{run['fps']:16.3f} {run['fps'] / bare['fps']:5.2f} {run['rss_mb']:6.0f}" for run in runs]
+            setup = "/".join(f"{run['setup']:.1f}" for run in runs)
+            print(f"{model:27} {precision:>4} {bare['tiles']:>5} {bare['fps']:8.3f} | " + " | ".join(cells)
+                  + f"   ({frames} frames, tile {bare['tile'][0]}x{bare['tile'][1]}, {bare['requests']} requests, "
+                    f"bare RSS {bare['rss_mb']:.0f} MB, setup {setup} s)", flush=True)
+
+
+def reuse(args, cache: str, tmp: Path, total: int) -> None:
+    frames = min(total, args.reuse_frames)
+    clip = cut(args.clip, frames, tmp / f"cut{frames}.mkv")
+    print(f"reuse: first {frames} frames, ffv1; ratio = fps with reuse / fps with --dedup off")
+    header = (f"{'model':27} {'prec':>4} {'off fps':>8} | "
+              + " | ".join(f"{f'{t:g} fps':>8} {'ratio':>5} {'reused':>6}" for t in args.thresholds))
+    print(header)
+    print("-" * len(header))
+    for model in args.models:
+        for precision in args.precisions:
+            off, *on = _best_of(args.rounds, [
+                dict(kind="pipeline", model=model, precision=precision, clip=str(clip), encoder=REUSE_ENCODER,
+                     cache=cache, dedup=dedup) for dedup in (None, *args.thresholds)])
+            cells = [f"{run['fps']:8.3f} {run['fps'] / off['fps']:5.2f} {100 * run['reused'] / run['frames']:5.0f}%"
+                     for run in on]
+            setup = "/".join(f"{run['setup']:.1f}" for run in (off, *on))
+            rss = "/".join(f"{run['rss_mb']:.0f}" for run in (off, *on))
+            print(f"{model:27} {precision:>4} {off['fps']:8.3f} | " + " | ".join(cells)
+                  + f"   (setup {setup} s, RSS {rss} MB)", flush=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--clip", type=Path, default=DEFAULT_CLIP)
-    parser.add_argument("--seconds", type=float, default=30.0, help="aim for pipeline runs this long")
+    parser.add_argument("--seconds", type=float, default=30.0, help="aim for efficiency runs this long")
     parser.add_argument("--models", nargs="*", default=MODELS)
     parser.add_argument("--precisions", nargs="*", default=["f32", "bf16"])
     parser.add_argument("--cache-dir", default=None, help="IR cache (default: a fresh temporary one)")
     parser.add_argument("--rounds", type=int, default=2, help="repeat every measurement; the best counts")
+    parser.add_argument("--measure", nargs="*", choices=["efficiency", "reuse"], default=["efficiency", "reuse"])
+    parser.add_argument("--reuse-frames", type=int, default=REUSE_FRAMES,
+                        help="frames from the start of the clip for the reuse measurement")
+    parser.add_argument("--thresholds", nargs="*", type=float, default=[DEFAULT_DEDUP],
+                        help="--dedup thresholds the reuse measurement compares with reuse off")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
@@ -91,39 +160,13 @@ def main() -> None:
     with av.open(str(args.clip)) as container:
         stream = container.streams.video[0]
         height, width, total = stream.height, stream.width, stream.frames
-    print(f"clip: {args.clip.name} {width}x{height}, {total} frames; each pipeline run ~{args.seconds:.0f} s, "
+    print(f"clip: {args.clip.name} {width}x{height}, {total} frames; efficiency runs ~{args.seconds:.0f} s each, "
           f"best of {args.rounds} rounds")
-    header = (f"{'model':27} {'prec':>4} {'tiles':>5} {'bare fps':>8} | "
-              + " | ".join(f"{name + ' fps':>16} {'ratio':>5} {'RSS MB':>6}" for name, _, _ in RUNS))
-    print(header)
-    print("-" * len(header))
     with tempfile.TemporaryDirectory() as tmp:
-        for model in args.models:
-            for precision in args.precisions:
-                probe = in_child("bare", model=model, precision=precision, height=height, width=width,
-                                 frames=2, cache=cache)
-                frames = int(min(total, max(8, probe["fps"] * args.seconds)))
-                clip = cut(args.clip, frames, Path(tmp) / f"cut{frames}.mkv")
-                # Rounds of the whole sequence, best of each column: other load on a shared host
-                # only ever slows a run down, so the fastest of a few is the least disturbed.
-                bare, runs = None, [None] * len(RUNS)
-                for _ in range(args.rounds):
-                    bare = _faster(bare, in_child("bare", model=model, precision=precision, height=height,
-                                                  width=width, frames=frames, cache=cache))
-                    for index, (_, encoder, dedup) in enumerate(RUNS):
-                        runs[index] = _faster(runs[index], in_child(
-                            "pipeline", model=model, precision=precision, clip=str(clip), encoder=encoder,
-                            cache=cache, dedup=dedup))
-                cells, reuse, setup = [], "", []
-                for run, (_, _, dedup) in zip(runs, RUNS):
-                    cells.append(f"{run['fps']:16.3f} {run['fps'] / bare['fps']:5.2f} {run['rss_mb']:6.0f}")
-                    setup.append(f"{run['setup']:.1f}")
-                    if dedup is not None:
-                        reuse = f", reused {run['reused']}/{run['frames']}"
-                print(f"{model:27} {precision:>4} {bare['tiles']:>5} {bare['fps']:8.3f} | " + " | ".join(cells)
-                      + f"   ({frames} frames, tile {bare['tile'][0]}x{bare['tile'][1]}, "
-                        f"{bare['requests']} requests, bare RSS {bare['rss_mb']:.0f} MB{reuse}, "
-                        f"setup {'/'.join(setup)} s)", flush=True)
+        if "efficiency" in args.measure:
+            efficiency(args, cache, Path(tmp), height, width, total)
+        if "reuse" in args.measure:
+            reuse(args, cache, Path(tmp), total)
 
 
 if __name__ == "__main__":

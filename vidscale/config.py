@@ -12,10 +12,14 @@ DEFAULT_IMAGE_MODEL = "RealESRGAN_x4plus_anime_6B"
 # Activation memory one compiled request may use; the automatic tile size keeps inside it.
 DEFAULT_MEMORY_BUDGET = 2 * 1024**3
 # Largest mean absolute difference of any 8x8 block, in 8-bit code values, for a frame to reuse
-# the last upscaled one. Measured on the shared anime clips (onepiece 24 fps, anime4k 60 fps):
-# 4 reuses 31% and 30% of frames, and every reused source frame is within 48.6 dB PSNR of the
-# frame whose output it takes (below x264 crf 18's own loss); 6 reuses 54%/57% at >= 46.3 dB.
-DEFAULT_DEDUP = 4.0
+# the last upscaled one. Measured over the whole shared anime clips (onepiece 24 fps, anime4k 60
+# fps): held drawings differ by at most 10.2 (compression noise), every new drawing by 50 or more,
+# so no threshold up to 10 reuses real motion there; what bounds it is fidelity. At 5 the clips
+# reuse 44% and 46% of frames and the worst reused frame is 48.2 / 47.4 dB PSNR from the one whose
+# output it takes, 2 dB and more above x264 crf 18's own average frame (46.2 / 41.8 dB); at 6 the
+# worst (46.3 dB) is no better than that average; at 4 (31% / 30% reused) it is hardly better on
+# onepiece (48.6 dB).
+DEFAULT_DEDUP = 5.0
 
 
 @dataclass(frozen=True)
