@@ -1,15 +1,21 @@
 """The OpenVINO engine: static shapes, in-graph pre/post-processing, caches, devices, callbacks."""
 
+from pathlib import Path
+
 import numpy as np
+import openvino as ov
+import openvino.opset13 as ops
 import pytest
 import torch
 
 from conftest import nearest, save_compact
-from vidscale.engine import Engine, EngineSettings, resolve_precision
+from vidscale.engine import Engine, EngineSettings, core, resolve_precision
 from vidscale.errors import EngineError, UsageError
+from vidscale.media import read_image
 from vidscale.models import resolve
 
 BUNDLED = ["RealESRGAN_x4plus_anime_6B", "realesr-animevideov3", "RealESRGAN_x4plus"]
+SAMPLES = Path(__file__).resolve().parents[1] / "samples"
 
 
 @pytest.fixture
@@ -64,6 +70,22 @@ def test_outscale_downscale_is_antialiased(engine):
     out = engine.upscaler((10, 14), outscale=1)(np.repeat(board[None, :, :, None], 3, axis=3))
     assert abs(float(out.mean()) - 127.5) < 2
     assert out.std() < 0.6 * board.std()
+
+
+@pytest.mark.parametrize("outscale", [2, 1])
+def test_integer_downscale_equals_the_interpolate_op(engine, outscale):
+    # x2 and x1 from an x4 model run as a strided convolution, not OpenVINO's bicubic_pillow
+    # Interpolate (seconds to compile); the picture must come out the same, edges included.
+    picture = read_image(SAMPLES / "cartoon.png").rgb[None, 5:35, 9:51].copy()
+    native = engine.upscaler((30, 42), sample="f32")(picture.astype(np.float32) / 255)
+    source = ops.parameter(native.shape, np.float32)
+    resize = ops.interpolate(source, np.array([30 * outscale, 42 * outscale], dtype=np.int64),
+                             mode="bicubic_pillow", shape_calculation_mode="sizes", antialias=True,
+                             axes=np.array([1, 2], dtype=np.int64))
+    reference = core().compile_model(ov.Model([resize], [source]), "CPU", {"INFERENCE_PRECISION_HINT": "f32"})
+    expected = np.floor(np.clip(reference(native)[0], 0, 1) * 255 + 0.5)
+    got = engine.upscaler((30, 42), outscale=outscale)(picture)
+    assert np.abs(got.astype(np.float64) - expected).max() <= 1
 
 
 def test_scale_above_native_is_refused(engine):

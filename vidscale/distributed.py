@@ -158,7 +158,7 @@ def _staging_folder(batch: str) -> Path:
 
 
 # The model a worker process compiled for its last segment, kept for the next one of the same
-# settings (compiling takes seconds, a resizing x2/x3 graph even from OpenVINO's cache). INT8 is
+# settings (compiling takes seconds, an x3-from-x4 graph even from OpenVINO's cache). INT8 is
 # judged on each job's own frames, so it is not kept.
 _last_upscaler: dict[object, FrameUpscaler] = {}
 
