@@ -24,7 +24,7 @@ from pathlib import Path
 import av
 import numpy as np
 
-from common import DEFAULT_CLIP, cut, peak_rss_mb, run_child, serve_child
+from common import DEFAULT_CLIP, best_of, cut, peak_rss_mb, serve_child
 
 MODELS = ["realesr-animevideov3", "RealESRGAN_x4plus_anime_6B"]
 
@@ -133,6 +133,7 @@ def main() -> None:
     parser.add_argument("--models", nargs="*", default=MODELS)
     parser.add_argument("--precision", default="bf16")
     parser.add_argument("--cache-dir", default=None)
+    parser.add_argument("--rounds", type=int, default=1, help="repeat every measurement; the best counts")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
@@ -144,13 +145,12 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         clip = str(cut(args.clip, args.frames, Path(tmp) / "clip.mkv"))
         print(f"clip: first {args.frames} frames of {args.clip.name}; OpenVINO precision {args.precision}; "
-              f"{os.cpu_count()} cores")
+              f"{os.cpu_count()} cores; best of {args.rounds} rounds")
         print(f"{'model':27} " + " ".join(f"{k + ' fps':>19}" for k in kinds) + "   RSS MB per run, reuse")
         for model in args.models:
-            results = {}
-            for kind in kinds:
-                job = {"kind": kind, "model": model, "clip": clip, "precision": args.precision, "cache": cache}
-                results[kind] = run_child(__file__, job)
+            jobs = [{"kind": kind, "model": model, "clip": clip, "precision": args.precision, "cache": cache}
+                    for kind in kinds]
+            results = dict(zip(kinds, best_of(__file__, args.rounds, jobs)))
             base = results["vidscale"]["fps"]
             cells = " ".join(f"{results[k]['fps']:8.3f} ({results[k]['fps'] / base:5.2f}x)" for k in kinds)
             rss = "/".join(f"{results[k]['rss_mb']:.0f}" for k in kinds)

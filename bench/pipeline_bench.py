@@ -32,7 +32,7 @@ from pathlib import Path
 import av
 import numpy as np
 
-from common import DEFAULT_CLIP, cut, peak_rss_mb, run_child, serve_child
+from common import DEFAULT_CLIP, best_of, cut, peak_rss_mb, run_child, serve_child
 from vidscale.config import DEFAULT_DEDUP
 
 MODELS = ["realesr-animevideov3", "RealESRGAN_x4plus_anime_6B"]
@@ -77,22 +77,8 @@ def child_pipeline(model: str, precision: str, clip: str, encoder: dict, cache: 
             "setup": result.setup_seconds, "rss_mb": peak_rss_mb()}
 
 
-def _faster(best: dict | None, run: dict) -> dict:
-    return run if best is None or run["fps"] > best["fps"] else best
-
-
 def in_child(kind: str, **kwargs) -> dict:
     return run_child(__file__, {"kind": kind, **kwargs})
-
-
-def _best_of(rounds: int, jobs: list[dict]) -> list[dict]:
-    """Each job run `rounds` times, interleaved, the fastest of each: other load on a shared host
-    only ever slows a run down, so the fastest of a few is the least disturbed."""
-    best = [None] * len(jobs)
-    for _ in range(rounds):
-        for index, job in enumerate(jobs):
-            best[index] = _faster(best[index], in_child(**job))
-    return best
 
 
 def efficiency(args, cache: str, tmp: Path, height: int, width: int, total: int) -> None:
@@ -106,7 +92,7 @@ def efficiency(args, cache: str, tmp: Path, height: int, width: int, total: int)
                              frames=2, cache=cache)
             frames = int(min(total, max(8, probe["fps"] * args.seconds)))
             clip = cut(args.clip, frames, tmp / f"cut{frames}.mkv")
-            bare, *runs = _best_of(args.rounds, [
+            bare, *runs = best_of(__file__, args.rounds, [
                 dict(kind="bare", model=model, precision=precision, height=height, width=width, frames=frames,
                      cache=cache),
                 *(dict(kind="pipeline", model=model, precision=precision, clip=str(clip), encoder=encoder,
@@ -128,7 +114,7 @@ def reuse(args, cache: str, tmp: Path, total: int) -> None:
     print("-" * len(header))
     for model in args.models:
         for precision in args.precisions:
-            off, *on = _best_of(args.rounds, [
+            off, *on = best_of(__file__, args.rounds, [
                 dict(kind="pipeline", model=model, precision=precision, clip=str(clip), encoder=REUSE_ENCODER,
                      cache=cache, dedup=dedup) for dedup in (None, *args.thresholds)])
             cells = [f"{run['fps']:8.3f} {run['fps'] / off['fps']:5.2f} {100 * run['reused'] / run['frames']:5.0f}%"

@@ -66,9 +66,9 @@ def _key(row: dict) -> tuple[str, int]:
 
 def new_attempts(before: list[dict], finished: int) -> list[dict]:
     """The attempts not in `before`, once `finished` of them ended and no more arrive (task events
-    reach the dashboard a little after the tasks end)."""
+    reach the dashboard after the tasks end: seconds later on a loaded machine)."""
     seen = {_key(r) for r in before}
-    deadline = time.monotonic() + 30
+    deadline = time.monotonic() + 120
     while time.monotonic() < deadline:
         rows = [r for r in attempts() if _key(r) not in seen]
         if sum(r["state"] in ("FINISHED", "FAILED") for r in rows) >= finished:
