@@ -230,7 +230,8 @@ class Engine:
             config["NUM_STREAMS"] = str(streams)
         if not self.settings.device.partition(":")[0].upper() in ("AUTO", "MULTI", "HETERO", "BATCH"):
             # An INT8 graph carries its precision in its FakeQuantize nodes; the hint only sets
-            # what the layers left in float (first and last convolution) run at.
+            # what the layers left in float (first and last convolution, RRDBNet's residual
+            # additions) run at.
             config["INFERENCE_PRECISION_HINT"] = _INT8_FLOAT_PRECISION if precision == "int8" else precision
         try:
             compiled = core().compile_model(graph, self.settings.device, config)
