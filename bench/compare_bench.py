@@ -70,11 +70,14 @@ def child(kind: str, model: str, clip: str, precision: str, cache: str) -> dict:
             seconds = result.seconds - result.setup_seconds
         elif kind == "bare":
             from vidscale.config import UpscaleSettings
-            from vidscale.pipeline import FrameUpscaler
+            from vidscale.pipeline import FrameUpscaler, calibration_frames
 
             first = next(frames_of(clip))
             total = sum(1 for _ in frames_of(clip))
-            upscaler = FrameUpscaler(UpscaleSettings(model=model, precision=precision, cache_dir=Path(cache)))
+            # INT8 calibrated and judged on the clip, as vidscale's own run does it (same cached model).
+            own = calibration_frames(clip) if precision == "int8" else None
+            upscaler = FrameUpscaler(UpscaleSettings(model=model, precision=precision, cache_dir=Path(cache)),
+                                     calibration=own, evaluation=own)
             plan = upscaler.plan(*first.shape[:2])
             compiled = upscaler.upscaler_for(plan, "u8")
             batch = np.zeros(compiled.input_shape, np.uint8)
