@@ -275,3 +275,21 @@ def test_a_driver_killed_mid_batch_resumes_from_its_complete_segments(tmp_path, 
     assert sorted(p.name for p in out.iterdir()) == ["long.upscaled.mkv", "long.upscaled.mkv.vidscale.json"]
     assert batch(str(source), "--output-dir", str(tmp_path / "local"), *LOSSLESS)[0] == 0
     assert_same_output(out / "long.upscaled.mkv", tmp_path / "local" / "long.upscaled.mkv")
+
+
+def test_a_segment_whose_first_timestamp_a_retimed_one_took_is_done_again_in_order(tmp_path, batch, ray_instance):
+    # Two frames at 160 ms: the second is written at 161, which the next segment (a keyframe at
+    # 161) starts with. Upscaled on its own, that segment cannot know it; the driver does it again
+    # after the one before, as the local run writes it.
+    pts = [0, 40, 80, 120, 160, 160, 161, 200, 240, 280, 320, 360]
+    source = make_clip(tmp_path / "dup.mkv", frames=len(pts), pts=pts, gop=6, audio=False)
+    assert segment_count(source, 0.15) == 2
+    before = attempts()
+    for mode, extra in (("local", []), ("ray", ON_RAY)):
+        status, err = batch(str(source), "--output-dir", str(tmp_path / mode), *LOSSLESS,
+                            "--segment-seconds", "0.15", "--report", str(tmp_path / f"{mode}.json"), *extra)
+        assert status == 0, err
+    local, ray = (json.loads((tmp_path / f"{mode}.json").read_text())["jobs"][0] for mode in ("local", "ray"))
+    assert ray["retimed_frames"] == local["retimed_frames"] == 2
+    assert_same_output(tmp_path / "ray" / "dup.upscaled.mkv", tmp_path / "local" / "dup.upscaled.mkv")
+    assert len(new_attempts(before, 3)) == 3  # two segments, the second twice

@@ -240,9 +240,8 @@ class _JobRun:
     resumed_frames: int
     pending: dict = field(default_factory=dict)
     """{ObjectRef: segment index} of its tasks not yet collected."""
-    corrupt_packets: int = 0
-    retimed_frames: int = 0
-    reused_frames: int = 0
+    done: dict[int, SegmentResult] = field(default_factory=dict)
+    """What each segment's task did (the last attempt, if one was done again)."""
 
 
 class _Driver:
@@ -387,9 +386,7 @@ class _Driver:
             self._fail(run, failure_message(run.job, exc))
 
     def _keep(self, run: _JobRun, index: int, result: SegmentResult, data: bytes | None) -> None:
-        run.corrupt_packets += result.corrupt_packets
-        run.retimed_frames += result.retimed_frames
-        run.reused_frames += result.reused_frames
+        run.done[index] = result
         if result.record is None:
             return  # no frame falls in it: the join passes over it as a local run does
         if data is not None:
@@ -417,8 +414,10 @@ class _Driver:
         seconds = time.monotonic() - run.started
         self._finish(run.number, run.job, JobResult(
             str(run.job.source), str(run.job.output), "done", frames=frames, seconds=round(seconds, 3),
-            fps=round(frames / seconds, 3) if seconds > 0 else 0.0, corrupt_packets=run.corrupt_packets,
-            retimed_frames=run.retimed_frames, reused_frames=run.reused_frames,
+            fps=round(frames / seconds, 3) if seconds > 0 else 0.0,
+            corrupt_packets=sum(r.corrupt_packets for r in run.done.values()),
+            retimed_frames=sum(r.retimed_frames for r in run.done.values()),
+            reused_frames=sum(r.reused_frames for r in run.done.values()),
             resumed_frames=run.resumed_frames))
 
     def _fail(self, run: _JobRun, error: str) -> None:
