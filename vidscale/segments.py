@@ -160,7 +160,8 @@ def segment_starts(path: Path, seconds: float, time_base: Fraction) -> list[int]
     for pts in keyframe_pts(path):
         if not starts or pts - starts[-1] >= ticks:
             starts.append(pts)
-    return starts
+    # A stream whose packets carry no keyframe flag is one segment, begun by its first frame.
+    return starts or [0]
 
 
 class Cutter:
