@@ -24,7 +24,7 @@ from pathlib import Path
 import av
 import numpy as np
 
-from common import DEFAULT_CLIP, best_of, cut, peak_rss_mb, serve_child
+from common import DEFAULT_CLIP, bare_seconds, best_of, cut, peak_rss_mb, serve_child
 
 MODELS = ["realesr-animevideov3", "RealESRGAN_x4plus_anime_6B"]
 
@@ -80,16 +80,7 @@ def child(kind: str, model: str, clip: str, precision: str, cache: str) -> dict:
                                      calibration=own, evaluation=own)
             plan = upscaler.plan(*first.shape[:2])
             compiled = upscaler.upscaler_for(plan, "u8")
-            batch = np.zeros(compiled.input_shape, np.uint8)
-            queue = compiled.queue(lambda *_: None)
-            for _ in range(compiled.requests):  # first inferences allocate, as in pipeline_bench
-                queue.submit(batch, None)
-            queue.wait_all()
-            started = time.perf_counter()
-            for _ in range(total * len(plan)):
-                queue.submit(batch, None)
-            queue.wait_all()
-            frames, seconds = total, time.perf_counter() - started
+            frames, seconds = total, bare_seconds(compiled, total * len(plan))
         elif kind == "torch":
             import torch
 

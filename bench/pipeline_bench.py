@@ -26,13 +26,11 @@ from __future__ import annotations
 
 import argparse
 import tempfile
-import time
 from pathlib import Path
 
 import av
-import numpy as np
 
-from common import DEFAULT_CLIP, best_of, cut, peak_rss_mb, run_child, serve_child
+from common import DEFAULT_CLIP, bare_seconds, best_of, cut, peak_rss_mb, run_child, serve_child
 from vidscale.config import DEFAULT_DEDUP
 
 MODELS = ["realesr-animevideov3", "RealESRGAN_x4plus_anime_6B"]
@@ -51,16 +49,7 @@ def child_bare(model: str, precision: str, height: int, width: int, frames: int,
     upscaler = FrameUpscaler(UpscaleSettings(model=model, precision=precision, cache_dir=Path(cache)))
     plan = upscaler.plan(height, width)
     compiled = upscaler.upscaler_for(plan, "u8")
-    batch = np.random.default_rng(0).integers(0, 256, compiled.input_shape, dtype=np.uint8)
-    queue = compiled.queue(lambda *_: None)
-    for _ in range(compiled.requests):  # warm-up
-        queue.submit(batch, None)
-    queue.wait_all()
-    started = time.perf_counter()
-    for _ in range(frames * len(plan)):
-        queue.submit(batch, None)
-    queue.wait_all()
-    seconds = time.perf_counter() - started
+    seconds = bare_seconds(compiled, frames * len(plan))
     return {"fps": frames / seconds, "tiles": len(plan), "tile": list(plan.tile_shape),
             "requests": compiled.requests, "rss_mb": peak_rss_mb()}
 
