@@ -9,10 +9,12 @@ import pytest
 import torch
 
 from conftest import nearest, save_compact
+from vidscale.config import UpscaleSettings
 from vidscale.engine import Engine, EngineSettings, core, resolve_precision
 from vidscale.errors import EngineError, UsageError
 from vidscale.media import read_image
 from vidscale.models import resolve
+from vidscale.pipeline import FrameUpscaler
 
 BUNDLED = ["RealESRGAN_x4plus_anime_6B", "realesr-animevideov3", "RealESRGAN_x4plus"]
 SAMPLES = Path(__file__).resolve().parents[1] / "samples"
@@ -43,6 +45,23 @@ def test_auto_precision_keeps_16_bit_samples_at_f32(identity_model, cache_dir):
     assert engine.precision_for("u16") == "f32"
     frame = np.random.default_rng(8).integers(0, 65536, (1, 6, 5, 3), dtype=np.uint16)
     assert np.array_equal(engine.upscaler((6, 5), sample="u16")(frame)[0], nearest(frame[0], 4))
+
+
+def test_the_automatic_tile_fits_the_memory_of_the_precision_it_runs_at(identity_model, cache_dir):
+    # bf16 feature maps take half the bytes, so a budget that holds a whole frame at bf16 makes f32
+    # cut it; under "auto" a 16-bit frame runs at f32 and is cut.
+    if "BF16" not in core().get_property("CPU", "OPTIMIZATION_CAPABILITIES"):
+        pytest.skip("the CPU has no bf16")
+    spec = resolve(identity_model).spec
+    height, width = 40, 64
+    budget = height * width * spec.activation_bytes_per_pixel(2)
+    assert height * width * spec.activation_bytes_per_pixel(4) > budget
+    upscaler = FrameUpscaler(UpscaleSettings(model=str(identity_model), precision="auto", cache_dir=cache_dir,
+                                             memory_budget=budget, overlap=8))
+    assert len(upscaler.plan(height, width, "u8")) == 1
+    assert len(upscaler.plan(height, width, "u16")) == 2
+    frame = np.random.default_rng(9).integers(0, 65536, (height, width, 3), dtype=np.uint16)
+    assert np.array_equal(upscaler(frame), nearest(frame, 4))
 
 
 @pytest.mark.parametrize("bias", [0.2, -0.302])  # no x.5 ties: float32 rounding

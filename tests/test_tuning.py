@@ -18,7 +18,7 @@ from vidscale.pipeline import FrameUpscaler, upscale_video
 @pytest.fixture
 def settings(identity_model, tmp_path):
     return UpscaleSettings(model=str(identity_model), precision="f32", cache_dir=tmp_path, tune=True,
-                           overlap=8, memory_budget=64 * 64 * resolve(identity_model).spec.activation_bytes_per_pixel)
+                           overlap=8, memory_budget=64 * 64 * resolve(identity_model).spec.activation_bytes_per_pixel(4))
 
 
 def test_candidates_are_distinct_shapes_from_the_budget_down():

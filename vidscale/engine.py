@@ -181,6 +181,10 @@ class Engine:
             return "f32"
         return self.precision
 
+    def activation_bytes_per_pixel(self, sample: str) -> int:
+        """Estimated inference memory per input pixel of a graph for `sample` (see ModelSpec)."""
+        return self.model.spec.activation_bytes_per_pixel(2 if self.precision_for(sample) in ("bf16", "f16") else 4)
+
     def check_outscale(self, outscale: int) -> None:
         if not 1 <= outscale <= self.native_scale:
             raise UsageError(f"scale {outscale} is not possible with {self.model.name} "

@@ -87,18 +87,19 @@ class FrameUpscaler:
     def scale(self) -> int:
         return self.settings.scale
 
-    def plan(self, height: int, width: int) -> TilePlan:
-        """The tile plan for frames of this size (one tile shape, chosen once per size)."""
-        key = (height, width)
+    def plan(self, height: int, width: int, sample: str = "u8") -> TilePlan:
+        """The tile plan for frames of this size and sample type (one tile shape, chosen once each:
+        a deep frame may run at another precision, which needs another amount of memory)."""
+        key = (height, width, sample)
         plan = self._plans.get(key)
         if plan is None:
             multiple = self.model.spec.size_multiple
             tile = self.settings.tile
             if tile is None:
-                max_pixels = max(1, self.settings.memory_budget // self.model.spec.activation_bytes_per_pixel)
+                max_pixels = max(1, self.settings.memory_budget // self.engine.activation_bytes_per_pixel(sample))
                 if self.settings.tune:
                     choice = tuned(self.engine, height, width, outscale=self.scale, overlap=self.settings.overlap,
-                                   max_pixels=max_pixels)
+                                   max_pixels=max_pixels, sample=sample)
                     self._tuned[key] = choice
                     tile = choice.tile
                 else:
@@ -121,7 +122,7 @@ class FrameUpscaler:
         key = (plan.height, plan.width, sample)
         upscaler = self._upscalers.get(key)
         if upscaler is None:
-            choice = self._tuned.get((plan.height, plan.width))
+            choice = self._tuned.get(key)
             options = {} if choice is None else {"streams": choice.streams, "batch": choice.batch,
                                                  "requests": choice.requests}
             upscaler = self._upscalers[key] = self.engine.upscaler(plan.tile_shape, outscale=self.scale,
@@ -132,7 +133,7 @@ class FrameUpscaler:
         sample = sample_type(frame.dtype)
         if frame.ndim != 3 or frame.shape[2] != 3:
             raise UsageError(f"frames must be (height, width, 3) RGB arrays, got shape {frame.shape}")
-        plan = self.plan(frame.shape[0], frame.shape[1])
+        plan = self.plan(frame.shape[0], frame.shape[1], sample)
         upscaler = self.upscaler_for(plan, sample)
         tiles = split(plan, frame)
         if tiles.shape == upscaler.input_shape:
@@ -379,8 +380,9 @@ def _prepare(frame_upscaler: FrameUpscaler, reader: VideoReader,
     output pixel format settled (its depth decides the depth frames are decoded at)."""
     pix_fmt = output_pix_fmt(encoder.codec, encoder, reader.info)
     reader.deep = is_deep(pix_fmt)
-    plan = frame_upscaler.plan(reader.info.height, reader.info.width)
-    model = frame_upscaler.upscaler_for(plan, "u16" if reader.deep else "u8")
+    sample = "u16" if reader.deep else "u8"
+    plan = frame_upscaler.plan(reader.info.height, reader.info.width, sample)
+    model = frame_upscaler.upscaler_for(plan, sample)
     return plan, model, replace(encoder, pix_fmt=pix_fmt)
 
 

@@ -73,11 +73,13 @@ def tiles_per_frame(engine: Engine, tile: tuple[int, int], *, height: int, width
 
 
 def measure(engine: Engine, tile: tuple[int, int], streams: int, *, height: int, width: int, outscale: int,
-            overlap: int, batch: int = 1, requests: int = 0, seconds: float = MEASURE_SECONDS) -> float:
+            overlap: int, batch: int = 1, requests: int = 0, sample: str = "u8",
+            seconds: float = MEASURE_SECONDS) -> float:
     """Whole frames per second: requests per second over the requests one frame needs (a frame's
     last request may be short of tiles and still cost a whole one)."""
     tiles = tiles_per_frame(engine, tile, height=height, width=width, outscale=outscale, overlap=overlap)
-    upscaler = engine.upscaler(tile, outscale=outscale, streams=streams, batch=batch, requests=requests)
+    upscaler = engine.upscaler(tile, outscale=outscale, streams=streams, batch=batch, requests=requests,
+                               sample=sample)
     request = np.zeros(upscaler.input_shape, upscaler.dtype)
     queue = upscaler.queue(lambda *_: None)
     for _ in range(upscaler.requests):  # first inferences allocate; keep them out of the timing
@@ -91,10 +93,11 @@ def measure(engine: Engine, tile: tuple[int, int], streams: int, *, height: int,
     return done / (time.perf_counter() - started) / -(-tiles // batch)
 
 
-def tuned(engine: Engine, height: int, width: int, *, outscale: int, overlap: int, max_pixels: int) -> Choice:
-    """The fastest choice for frames of this size, from the cache or measured now."""
+def tuned(engine: Engine, height: int, width: int, *, outscale: int, overlap: int, max_pixels: int,
+          sample: str = "u8") -> Choice:
+    """The fastest choice for frames of this size and sample type, from the cache or measured now."""
     key = ":".join(str(part) for part in (_FORMAT, engine.model.digest, f"{height}x{width}", outscale,
-                                          overlap, engine.precision_for("u8"), engine.settings.device, cores()))
+                                          overlap, engine.precision_for(sample), engine.settings.device, cores()))
     path = engine.settings.resolved_cache_dir / TUNING_FILE
     known = _load(path)
     if key in known:
@@ -105,7 +108,7 @@ def tuned(engine: Engine, height: int, width: int, *, outscale: int, overlap: in
 
     def trial(tile, streams, batch=1, requests=0) -> Choice:
         choice = Choice(tile, streams, batch, requests,
-                        measure(engine, tile, streams, batch=batch, requests=requests, **frame))
+                        measure(engine, tile, streams, batch=batch, requests=requests, sample=sample, **frame))
         results.append(choice)
         return choice
 
@@ -120,7 +123,7 @@ def tuned(engine: Engine, height: int, width: int, *, outscale: int, overlap: in
     best = max(results, key=lambda choice: choice.fps)
     # One request per stream is OpenVINO's choice; a second keeps a stream busy while Python
     # hands the next request over.
-    optimal = engine.upscaler(tile, outscale=outscale, streams=streams, batch=best.batch).requests
+    optimal = engine.upscaler(tile, outscale=outscale, streams=streams, batch=best.batch, sample=sample).requests
     trial(tile, streams, best.batch, 2 * optimal)
     best = max(results, key=lambda choice: choice.fps)
     with _lock:

@@ -37,24 +37,28 @@ class ModelSpec:
     params: tuple[tuple[str, int | str], ...]
     size_multiple: int
 
-    @property
-    def activation_bytes_per_pixel(self) -> int:
-        """A float32 estimate of the inference memory per input pixel, for choosing tile sizes.
+    def activation_bytes_per_pixel(self, feature_bytes: int) -> int:
+        """An estimate of the inference memory per input pixel, for choosing tile sizes, with feature
+        maps of `feature_bytes` per value (4 at f32, 2 at bf16).
 
-        Both networks peak at full output resolution, where about three buffers are live at once:
-        RRDBNet's conv_up2/conv_hr with num_feat channels, or the compact net's last conv output,
-        its pixel shuffle and the nearest-upscaled input; the low-resolution body's buffers are live
-        beside them. Measured peak RSS growth of one OpenVINO f32 request on the CPU stays below this:
-        anime_6B 9.3 KB/px at 256x256 (estimate 13.3 KB), animevideov3 0.77-0.99 KB/px at 480x640 and
-        240x320 (estimate 1.1 KB).
+        Both networks peak at full output resolution. RRDBNet's conv_up2 and conv_hr outputs are
+        num_feat channels there; the compact net's last convolution, its pixel shuffle and the
+        nearest-upscaled input are three 3-channel buffers there, which OpenVINO keeps in f32 at
+        any inference precision, as it does the final 3-channel output of both. The low-resolution
+        body's buffers are live beside them. Measured peak RSS growth of one OpenVINO request on the
+        CPU (one stream) stays 15-40% below this: anime_6B 8.0 KB/px at f32 and 4.0 KB/px at bf16
+        (256x256 and 480x640; estimates 9.6 and 5.0 KB), animevideov3 0.62 KB/px at f32 and
+        0.59-0.61 KB/px at bf16 (480x640 and 1080x1920; estimates 1.1 and 0.8 KB).
         """
         p = self.kwargs()
         feat = int(p["num_feat"])
         if self.arch == "RRDBNet":
-            high_res, low_res = 3 * feat, 2 * feat + 4 * int(p["num_grow_ch"])
+            high_res = 2 * feat * feature_bytes + 2 * 3 * 4
+            low_res = (2 * feat + 4 * int(p["num_grow_ch"])) * feature_bytes
         else:
-            high_res, low_res = 3 * int(p["num_out_ch"]), 2 * feat
-        return 4 * (high_res * self.scale * self.scale + low_res)
+            high_res = 3 * int(p["num_out_ch"]) * 4
+            low_res = 2 * feat * feature_bytes
+        return high_res * self.scale * self.scale + low_res
 
     def kwargs(self) -> dict[str, int | str]:
         return dict(self.params)
