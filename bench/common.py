@@ -13,6 +13,8 @@ import sys
 import time
 from pathlib import Path
 
+from fractions import Fraction
+
 import av
 import numpy as np
 
@@ -43,6 +45,35 @@ def cut(clip: Path, frames: int, target: Path) -> Path:
                         end = (frame.pts + 1) * frame.time_base
         dst.mux(video.encode())
     return target
+
+
+def synthetic_clip(path: Path, frames: int, *, height: int, width: int, hold: int = 1,
+                   codec: str = "libx264") -> Path:
+    """A cel-style clip with audio: vidscale's bundled calibration drawing (flat fills, ink lines, a
+    gradient, grain) panning 3 pixels per drawing, each drawing held for `hold` frames (anime is
+    mostly drawn on twos and threes), 24 fps."""
+    from vidscale.quantize import synthetic_frames
+
+    drawing = synthetic_frames(count=1, size=(height, width))[0]
+    rate = 24
+    with av.open(str(path), "w") as out:
+        options = {"preset": "ultrafast"} if codec == "libx264" else {}
+        video = out.add_stream(codec, rate=rate, options=options)
+        video.width, video.height, video.pix_fmt = width, height, "yuv420p"
+        audio = out.add_stream("aac", rate=48000)
+        for index in range(frames):
+            picture = np.roll(drawing, 3 * (index // hold), axis=1)
+            frame = av.VideoFrame.from_ndarray(picture, format="rgb24")
+            frame.pts, frame.time_base = index, Fraction(1, rate)
+            out.mux(video.encode(frame))
+        out.mux(video.encode())
+        tone = (0.1 * np.sin(np.arange(48000 * frames // rate) / 20)).astype(np.float32)
+        for start in range(0, len(tone), 1024):
+            chunk = av.AudioFrame.from_ndarray(tone[None, start:start + 1024], format="fltp", layout="mono")
+            chunk.sample_rate, chunk.pts = 48000, start
+            out.mux(audio.encode(chunk))
+        out.mux(audio.encode())
+    return path
 
 
 def peak_rss_mb() -> float:

@@ -10,7 +10,11 @@ For each model, in fresh processes one after another:
 fps, ratios to vidscale (reuse off), peak RSS of each process, and vidscale's reuse rate. Every fps
 is counted from the first frame: loading a model and compiling it are once-per-run costs.
 
-    python bench/compare_bench.py [--clip PATH] [--frames 24] [--models ...] [--precision bf16]
+Clips: the first frames of the One Piece demo, and a synthetic 640x480 one (a panning cel drawing
+held on twos, ffv1, with audio); or any file given. With --precision int8 a clip whose INT8 model
+fails vidscale's quality gate is reported as refused for the OpenVINO columns.
+
+    python bench/compare_bench.py [--clips PATH|synthetic ...] [--frames 24] [--models ...] [--precision bf16]
 """
 
 from __future__ import annotations
@@ -24,9 +28,10 @@ from pathlib import Path
 import av
 import numpy as np
 
-from common import DEFAULT_CLIP, bare_seconds, best_of, cut, peak_rss_mb, serve_child
+from common import DEFAULT_CLIP, bare_seconds, best_of, cut, peak_rss_mb, serve_child, synthetic_clip
 
 MODELS = ["realesr-animevideov3", "RealESRGAN_x4plus_anime_6B"]
+SYNTHETIC = "synthetic"
 
 
 def frames_of(clip: str):
@@ -53,6 +58,15 @@ class _Ffv1:
 
 
 def child(kind: str, model: str, clip: str, precision: str, cache: str) -> dict:
+    from vidscale.errors import EngineError
+
+    try:
+        return _run(kind, model, clip, precision, cache)
+    except EngineError as exc:  # the INT8 quality gate refusing the clip
+        return {"fps": 0.0, "refused": str(exc), "frames": 0, "reused": 0, "rss_mb": peak_rss_mb()}
+
+
+def _run(kind: str, model: str, clip: str, precision: str, cache: str) -> dict:
     from vidscale.models import resolve
 
     frames = reused = 0
@@ -125,7 +139,8 @@ def child(kind: str, model: str, clip: str, precision: str, cache: str) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--clip", type=Path, default=DEFAULT_CLIP)
+    parser.add_argument("--clips", nargs="*", default=[str(DEFAULT_CLIP), SYNTHETIC],
+                        help=f"video files, or {SYNTHETIC!r} for the generated clip")
     parser.add_argument("--frames", type=int, default=24, help="frames taken from the start of the clip")
     parser.add_argument("--models", nargs="*", default=MODELS)
     parser.add_argument("--precision", default="bf16")
@@ -139,21 +154,34 @@ def main() -> None:
 
     cache = args.cache_dir or tempfile.mkdtemp(prefix="vidscale-bench-")
     kinds = ["bare", "vidscale", "vidscale+reuse", "torch", "ncnn"]
+    print(f"first {args.frames} frames of each clip; OpenVINO precision {args.precision}; "
+          f"{os.cpu_count()} cores; best of {args.rounds} rounds")
+    print(f"{'clip':24} {'model':27} " + " ".join(f"{k + ' fps':>19}" for k in kinds) + "   RSS MB per run, reuse")
     with tempfile.TemporaryDirectory() as tmp:
-        clip = str(cut(args.clip, args.frames, Path(tmp) / "clip.mkv"))
-        print(f"clip: first {args.frames} frames of {args.clip.name}; OpenVINO precision {args.precision}; "
-              f"{os.cpu_count()} cores; best of {args.rounds} rounds")
-        print(f"{'model':27} " + " ".join(f"{k + ' fps':>19}" for k in kinds) + "   RSS MB per run, reuse")
-        for model in args.models:
-            jobs = [{"kind": kind, "model": model, "clip": clip, "precision": args.precision, "cache": cache}
-                    for kind in kinds]
-            results = dict(zip(kinds, best_of(__file__, args.rounds, jobs)))
-            base = results["vidscale"]["fps"]
-            cells = " ".join(f"{results[k]['fps']:8.3f} ({results[k]['fps'] / base:5.2f}x)" for k in kinds)
-            rss = "/".join(f"{results[k]['rss_mb']:.0f}" for k in kinds)
-            reuse = results["vidscale+reuse"]
-            print(f"{model:27} {cells}   {rss}, reused {reuse['reused']}/{reuse['frames']}", flush=True)
-        print("ratios are to vidscale end to end with reuse off")
+        for source in args.clips:
+            if source == SYNTHETIC:
+                clip = synthetic_clip(Path(tmp) / "synthetic.mkv", args.frames, height=480, width=640, hold=2,
+                                      codec="ffv1")
+            else:
+                clip = cut(Path(source), args.frames, Path(tmp) / f"{Path(source).stem}.mkv")
+            for model in args.models:
+                jobs = [{"kind": kind, "model": model, "clip": str(clip), "precision": args.precision,
+                         "cache": cache} for kind in kinds]
+                results = dict(zip(kinds, best_of(__file__, args.rounds, jobs)))
+                print(f"{Path(source).stem[:24]:24} {model:27} {_cells(results, kinds)}", flush=True)
+    print("ratios are to vidscale end to end with reuse off")
+
+
+def _cells(results: dict, kinds: list[str]) -> str:
+    refused = next((r["refused"] for r in results.values() if "refused" in r), None)
+    if refused:
+        others = ", ".join(f"{k} {results[k]['fps']:.3f} fps" for k in kinds if "refused" not in results[k])
+        return f"OpenVINO refused ({refused}); {others}"
+    base = results["vidscale"]["fps"]
+    cells = " ".join(f"{results[k]['fps']:8.3f} ({results[k]['fps'] / base:5.2f}x)" for k in kinds)
+    rss = "/".join(f"{results[k]['rss_mb']:.0f}" for k in kinds)
+    reuse = results["vidscale+reuse"]
+    return f"{cells}   {rss}, reused {reuse['reused']}/{reuse['frames']}"
 
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
 """Peak RSS of `vidscale upscale` does not grow with the length of the video.
 
-A synthetic clip (moving pattern, 160x120, with audio) of 100 and of 2,000 frames, each upscaled x2
+A synthetic clip (a panning cel drawing, 160x120, with audio) of 100 and of 2,000 frames, each upscaled x2
 with realesr-animevideov3 in a fresh process (reuse off, so every frame goes through the model);
 prints both peaks and their ratio.
 
@@ -11,34 +11,9 @@ from __future__ import annotations
 
 import argparse
 import tempfile
-from fractions import Fraction
 from pathlib import Path
 
-import av
-import numpy as np
-
-from common import peak_rss_mb, run_child, serve_child
-
-
-def synthetic_clip(path: Path, frames: int) -> Path:
-    y, x = np.mgrid[0:120, 0:160]
-    with av.open(str(path), "w") as out:
-        video = out.add_stream("libx264", rate=24, options={"preset": "ultrafast"})
-        video.width, video.height, video.pix_fmt = 160, 120, "yuv420p"
-        audio = out.add_stream("aac", rate=48000)
-        for index in range(frames):
-            picture = np.stack([(x + 3 * index) % 256, (y + 2 * index) % 256, (x + y) % 256], axis=2)
-            frame = av.VideoFrame.from_ndarray(picture.astype(np.uint8), format="rgb24")
-            frame.pts, frame.time_base = index, Fraction(1, 24)
-            out.mux(video.encode(frame))
-        out.mux(video.encode())
-        tone = (0.1 * np.sin(np.arange(48000 * frames // 24) / 20)).astype(np.float32)
-        for start in range(0, len(tone), 1024):
-            chunk = av.AudioFrame.from_ndarray(tone[None, start:start + 1024], format="fltp", layout="mono")
-            chunk.sample_rate, chunk.pts = 48000, start
-            out.mux(audio.encode(chunk))
-        out.mux(audio.encode())
-    return path
+from common import peak_rss_mb, run_child, serve_child, synthetic_clip
 
 
 def child(clip: str, cache: str) -> dict:
@@ -67,7 +42,7 @@ def main() -> None:
     peaks = []
     with tempfile.TemporaryDirectory() as tmp:
         for frames in args.frames:
-            clip = synthetic_clip(Path(tmp) / f"clip{frames}.mkv", frames)
+            clip = synthetic_clip(Path(tmp) / f"clip{frames}.mkv", frames, height=120, width=160)
             run = run_child(__file__, {"clip": str(clip), "cache": cache})
             peaks.append(run["rss_mb"])
             print(f"{run['frames']:6d} frames  {run['fps']:7.2f} fps  peak RSS {run['rss_mb']:7.1f} MB", flush=True)
