@@ -136,8 +136,8 @@ def quantize(nncf, model: ov.Model, crops: np.ndarray, arch: str) -> ov.Model:
     the way from the activations' range towards the weights'), multiplied back into its weights,
     so that a few wide channels no longer set the one int8 step of the whole activation tensor.
     Measured against the recipe without it, gate on the clip's own frames: realesr-animevideov3
-    38.6 -> 42.0 dB on anime4k_web_input.mp4 (alpha 0.5: 41.1, 0.15: 37.2) and 41.9 -> 42.9 (alpha
-    0.5) on the One Piece demo. On anime_6B it lifts anime4k only from 35.4 to 38.1 dB (still
+    38.6 -> 42.0 dB on anime4k_web_input.mp4 (alpha 0.5: 41.1, 0.15: 37.2) and 41.9 -> 43.5 on
+    the One Piece demo. On anime_6B it lifts anime4k only from 35.4 to 38.1 dB (still
     refused) and drops the One Piece demo from 40.3 to 38.9 (refused), so RRDBNet goes without it
     (its own alpha is left untuned: each try costs 2 minutes of quantization). The scales fold
     into the quantizers and weights: INT8 stays at 1.7x bf16 on animevideov3. NNCF runs SmoothQuant
