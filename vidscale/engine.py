@@ -32,7 +32,6 @@ SAMPLE_TYPES = {"u8": (ov.Type.u8, np.uint8, 255.0), "u16": (ov.Type.u16, np.uin
 # Bumped whenever the saved IR would differ for the same weights (conversion recipe changes).
 _IR_FORMAT = 1
 _COMPILED_CACHE_SIZE = 4
-_INT8_FLOAT_PRECISION = "f32"
 
 
 def default_cache_dir() -> Path:
@@ -235,8 +234,11 @@ class Engine:
         if not self.settings.device.partition(":")[0].upper() in ("AUTO", "MULTI", "HETERO", "BATCH"):
             # An INT8 graph carries its precision in its FakeQuantize nodes; the hint only sets
             # what the layers left in float (first and last convolution, RRDBNet's residual
-            # additions) run at.
-            config["INFERENCE_PRECISION_HINT"] = _INT8_FLOAT_PRECISION if precision == "int8" else precision
+            # additions) run at: bf16 where the device has it, as under "auto". Measured against
+            # f32 there: INT8 1.74x bf16 instead of 1.60-1.62x on animevideov3 (480x640, 272x640),
+            # the gate's PSNR within 0.07 dB on both models and both demo clips.
+            float_precision = resolve_precision(self.settings.device, "auto")
+            config["INFERENCE_PRECISION_HINT"] = float_precision if precision == "int8" else precision
         try:
             compiled = core().compile_model(graph, self.settings.device, config)
         except RuntimeError as exc:
