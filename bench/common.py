@@ -11,9 +11,8 @@ import resource
 import subprocess
 import sys
 import time
-from pathlib import Path
-
 from fractions import Fraction
+from pathlib import Path
 
 import av
 import numpy as np

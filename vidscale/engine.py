@@ -235,8 +235,9 @@ class Engine:
             # An INT8 graph carries its precision in its FakeQuantize nodes; the hint only sets
             # what the layers left in float (first and last convolution, RRDBNet's residual
             # additions) run at: bf16 where the device has it, as under "auto". Measured against
-            # f32 there: INT8 1.74x bf16 instead of 1.60-1.62x on animevideov3 (480x640, 272x640),
-            # the gate's PSNR within 0.07 dB on both models and both demo clips.
+            # f32 there, on animevideov3 on one core: INT8 1.74x bf16 instead of 1.60-1.62x (480x640,
+            # 272x640; on two cores now 1.78-1.79x), the gate's PSNR within 0.07 dB on both models
+            # and both demo clips.
             float_precision = resolve_precision(self.settings.device, "auto")
             config["INFERENCE_PRECISION_HINT"] = float_precision if precision == "int8" else precision
         try:
