@@ -27,15 +27,16 @@ def pattern(height: int, width: int, shift: int = 0) -> np.ndarray:
 def make_clip(path, *, frames=6, size=(64, 48), pts=None, time_base=Fraction(1, 1000),
               codec="libx264", pix_fmt="yuv420p", fmt=None, colour=None, audio=True,
               subtitles=False, attachment=False, chapters=False, rotation=0, sar=None, gop=None,
-              x264=None):
+              options=None):
     """A small clip made here: `colour` is (sws matrix name, range, AVCOL colorspace code) or
-    None for an untagged BT.601 limited picture; `gop`: libx264's keyframe interval; `x264`:
-    more libx264 options (the preset is ultrafast: no B-frames)."""
+    None for an untagged BT.601 limited picture; `gop`: the keyframe interval; `options`: more
+    encoder options (libx264's preset is ultrafast: no B-frames)."""
     width, height = size
     pts = list(range(0, frames * 40, 40)) if pts is None else pts
     with av.open(str(path), "w", format=fmt) as out:
-        options = ({"preset": "ultrafast", **({"g": str(gop)} if gop else {}), **(x264 or {})}
-                   if codec == "libx264" else {})
+        options = {**({"preset": "ultrafast"} if codec == "libx264" else {}), **(options or {})}
+        if gop:
+            options["g"] = str(gop)
         video = out.add_stream(codec, rate=25, options=options)
         video.width, video.height, video.pix_fmt = width, height, pix_fmt
         video.time_base = video.codec_context.time_base = time_base
@@ -152,15 +153,17 @@ def bad_inputs(folder: Path) -> dict[str, tuple[Path, str]]:
     }
 
 
-def corrupt_clip(folder: Path) -> Path:
-    """A 6-frame FFV1 clip whose 4th packet is overwritten with noise (its CRC check fails)."""
-    clip = make_clip(Path(folder) / "clean.mkv", codec="ffv1", audio=False)
+def corrupt_clip(folder: Path, broken: int = 3, gop: int | None = None) -> Path:
+    """A 6-frame FFV1 clip, 40 ms a frame, whose packet `broken` is overwritten with noise (the
+    decoder rejects it unless it is a keyframe, which it conceals)."""
+    clip = make_clip(Path(folder) / "clean.mkv", codec="ffv1", audio=False, gop=gop)
     with av.open(str(clip)) as container:
-        fourth = [bytes(p) for p in container.demux(video=0) if p.size][3]
+        packet = [bytes(p) for p in container.demux(video=0) if p.size][broken]
     data = bytearray(clip.read_bytes())
     clip.unlink()
-    start = data.find(fourth[:64]) + 100
-    data[start:start + len(fourth) - 200] = np.random.default_rng(1).bytes(len(fourth) - 200)
+    # The whole packet: keyframes all begin with the same header bytes.
+    start = data.find(packet) + 100
+    data[start:start + len(packet) - 200] = np.random.default_rng(1).bytes(len(packet) - 200)
     broken = Path(folder) / "broken.mkv"
     broken.write_bytes(data)
     return broken

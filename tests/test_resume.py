@@ -12,7 +12,7 @@ import av
 import numpy as np
 import pytest
 
-from clips import demux_all, make_clip, stream_tags
+from clips import corrupt_clip, demux_all, make_clip, stream_tags
 from vidscale import pipeline, segments
 from vidscale.cli import main
 from vidscale.config import UpscaleSettings
@@ -194,7 +194,7 @@ def test_segments_upscaled_on_their_own_join_into_what_one_run_gives(tmp_path, r
     # by timestamp; with an open GOP the pictures just before a keyframe in time come after it
     # in the file and belong to the segment before.
     options = {"x264-params": f"bframes=3:b-adapt=0:b-pyramid=normal:open-gop={int(gop == 'open')}:scenecut=0"}
-    source = make_clip(tmp_path / "in.mkv", frames=40, gop=8, x264=options, subtitles=True, chapters=True)
+    source = make_clip(tmp_path / "in.mkv", frames=40, gop=8, options=options, subtitles=True, chapters=True)
     with av.open(str(source)) as clip:
         packets = [p for p in clip.demux(video=0) if p.size]
         assert [p.pts for p in packets] != sorted(p.pts for p in packets)
@@ -216,6 +216,19 @@ def test_segments_upscaled_on_their_own_join_into_what_one_run_gives(tmp_path, r
     with VideoReader(source) as reader:
         join_segments(joined, reader, encoder, [piece for piece, _ in pieces], sum(n for _, n in pieces))
     assert_same_output(joined, whole)
+
+
+@pytest.mark.parametrize("broken, counts", [(2, [1, 0]), (4, [0, 1])])
+def test_a_broken_packet_by_a_segment_edge_is_counted_by_its_own_segment(tmp_path, cache_dir, identity_x2,
+                                                                        broken, counts):
+    # Keyframes at pts 0 and 120; the packet just before or just after the second one broken.
+    source = corrupt_clip(tmp_path, broken=broken, gop=3)
+    with VideoReader(source) as reader:
+        starts = segments.segment_starts(source, 0.12, reader.info.time_base)
+    assert starts == [0, 120]
+    frame_upscaler = FrameUpscaler(UpscaleSettings(model=str(identity_x2), cache_dir=cache_dir))
+    assert [upscale_segment(source, tmp_path / f"piece{index}.mkv", starts, index, frame_upscaler,
+                            EncoderSettings(codec="ffv1")).corrupt_packets for index in range(2)] == counts
 
 
 def test_a_run_stopped_after_its_last_segment_only_joins_when_run_again(tmp_path, run, monkeypatch):

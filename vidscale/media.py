@@ -368,8 +368,8 @@ class VideoReader:
     `events()` yields, in demux order, a VideoFrame for every decoded frame of the video
     stream and the raw av.Packet of every other stream, for a VideoWriter to copy.
     deep=True gives uint16 RGB (full 16-bit scale) whatever the source depth, for > 8-bit
-    output. Packets the decoder rejects are concealed and counted in `corrupt_packets`, as
-    ffmpeg does, unless strict=True, which raises MediaError on the first one. Frames a decoder
+    output. Packets the decoder rejects are concealed and counted in `corrupt_packets` (their
+    timestamps in `corrupt_at`), as ffmpeg does, unless strict=True, which raises MediaError on the first one. Frames a decoder
     cannot produce (a stream starting mid-GOP) are not output. A size change mid-stream raises
     MediaError, and so does a video that ends before its header says it does (truncated). Video streams other than the upscaled one are copied as they are.
 
@@ -383,11 +383,14 @@ class VideoReader:
         self.label = _label(source)
         self.deep = deep
         self.strict = strict
-        self.corrupt_packets = 0
+        self.corrupt_at: list[int | None] = []
         self.container = open_input(source)
         try:
             self.stream = _video_stream(self.container, self.label)
-            self.stream.codec_context.thread_type = "AUTO"
+            # Not frame threads: they report a broken packet a few packets late, and one
+            # reported while the decoder drains at the end loses the good frames after it. A
+            # frame of the source costs little to decode beside upscaling it.
+            self.stream.codec_context.thread_type = "SLICE"
             self._reformatter = VideoReformatter()
             self._next_index = 0
             self._last_pts = self._last_duration = None
@@ -499,7 +502,9 @@ class VideoReader:
         tb = self.stream.time_base
         rate = self.info.guessed_rate or self.info.average_rate
         interval = self._last_duration * tb if self._last_duration else (1 / rate if rate else 0)
-        end = self._last_pts * tb + interval
+        # A broken last packet was read, then concealed: the file is whole.
+        last = max([self._last_pts, *(pts for pts in self.corrupt_at if pts is not None)])
+        end = last * tb + interval
         if declared - end > interval / 2:
             raise MediaError(f"{self.label} stops at {float(end):.3f} s but its header says the video "
                              f"runs to {float(declared):.3f} s: it is truncated or its pipe closed "
@@ -550,17 +555,20 @@ class VideoReader:
         try:
             frames = self.stream.codec_context.decode(packet)
         except (av.error.InvalidDataError, av.error.UndefinedError) as exc:
-            self._corrupt(packet, exc)
+            self._corrupt(packet, exc, None if packet is None else _packet_time(packet))
             return
         for frame in frames:
             if frame.is_corrupt:
-                self._corrupt(packet, None)
+                self._corrupt(packet, None, frame.pts)
             yield frame
 
-    def _corrupt(self, packet, exc) -> None:
-        self.corrupt_packets += 1
+    @property
+    def corrupt_packets(self) -> int:
+        return len(self.corrupt_at)
+
+    def _corrupt(self, packet, exc, pts: int | None) -> None:
+        self.corrupt_at.append(pts)
         if self.strict:
-            # With frame threading the decoder reports an error a few packets late.
             where = f"near pts {packet.pts}" if packet is not None else "at the end"
             raise MediaError(f"{self.label}: corrupt video data {where}"
                              f"{f' ({exc.strerror})' if exc else ''}; "
@@ -587,6 +595,10 @@ class VideoReader:
                 interpolation=_SWS_FLAGS_DEEP_DECODE if self.deep else _SWS_FLAGS)
         self._next_index += 1
         return VideoFrame(index, frame.pts, rgb.to_ndarray())
+
+
+def _packet_time(packet: av.Packet) -> int | None:
+    return packet.pts if packet.pts is not None else packet.dts
 
 
 def _rotate_tag(stream) -> int:

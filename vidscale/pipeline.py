@@ -417,13 +417,17 @@ def upscale_segment(source: Path, target: Path, starts: list[int], index: int, f
         end = starts[index + 1] if index + 1 < len(starts) else None
         if start is not None:
             reader.seek(start)
+        window = _Window(reader, start, end)
         lone = LoneSegment(target)
         with SegmentSink(lone, lambda path, _: VideoWriter(path, reader, out_w, out_h, encoder, segment=True,
                                                            after=after)) as sink:
-            decoded, reused = _run_stages(_Window(reader, start, end), sink, plan, model, Progress(),
+            decoded, reused = _run_stages(window, sink, plan, model, Progress(),
                                           frame_upscaler.settings.dedup, Cutter(starts, {}, first=index))
             sink.finish(decoded)
-    return SegmentResult(lone.records.get(index), reader.corrupt_packets, sink.retimed_frames, reused)
+    # The decoder reads a few packets past both ends of the window (pictures out of order), so a
+    # broken packet near an edge is seen by two segments.
+    corrupt = sum(1 for pts in reader.corrupt_at if pts is None or window.holds(pts))
+    return SegmentResult(lone.records.get(index), corrupt, sink.retimed_frames, reused)
 
 
 class _Window:
@@ -432,6 +436,9 @@ class _Window:
 
     def __init__(self, reader: VideoReader, start: int | None, end: int | None):
         self._reader, self._start, self._end = reader, start, end
+
+    def holds(self, pts: int) -> bool:
+        return (self._start is None or pts >= self._start) and (self._end is None or pts < self._end)
 
     def events(self):
         first = True
@@ -442,11 +449,10 @@ class _Window:
                 raise MediaError(f"{self._reader.label}: seeking to pts {self._start} landed at "
                                  f"{event.pts}, past it; remux it into .mkv, which has an index")
             first = False
-            if self._start is not None and event.pts < self._start:
-                continue
             if self._end is not None and event.pts >= self._end:
                 return
-            yield event
+            if self.holds(event.pts):
+                yield event
 
 
 def _is_file(source) -> bool:
