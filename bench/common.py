@@ -17,6 +17,8 @@ from pathlib import Path
 import av
 import numpy as np
 
+from vidscale.progress import Progress
+
 DEFAULT_CLIP = Path(__file__).resolve().parents[2] / "shared" / "media" / "realesrgan_onepiece_demo.mp4"
 
 
@@ -73,6 +75,32 @@ def synthetic_clip(path: Path, frames: int, *, height: int, width: int, hold: in
             out.mux(audio.encode(chunk))
         out.mux(audio.encode())
     return path
+
+
+WARM_UP = 2
+"""Frames every contender writes before its clock starts: one per OpenVINO stream, since the first
+inference of each allocates its memory (about a second here), a once-per-run cost like compiling."""
+
+
+class FrameClock(Progress):
+    """When a run's first WARM_UP frames were written, so that every contender's fps is counted the
+    same way: from then to the end of the run, the encoder's flush included. vidscale is given it as
+    its progress; the per-frame loops tell it each frame they write."""
+
+    def __init__(self):
+        self.frames = 0
+        self.warm: float | None = None
+
+    def update(self, frames: int) -> None:
+        self.frames = frames
+        if self.warm is None and frames >= WARM_UP:
+            self.warm = time.perf_counter()
+
+    def fps(self, ended: float) -> float:
+        """fps of the frames after the first WARM_UP, the run having ended at `ended` (perf_counter)."""
+        if self.warm is None or self.frames <= WARM_UP:
+            raise ValueError(f"{self.frames} frames written; a run needs more than {WARM_UP} to be timed")
+        return (self.frames - WARM_UP) / (ended - self.warm)
 
 
 def peak_rss_mb() -> float:

@@ -205,12 +205,6 @@ class VideoResult:
     def fps(self) -> float:
         return self.frames / self.seconds if self.seconds > 0 else 0.0
 
-    @property
-    def steady_fps(self) -> float:
-        """Frames per second once set up: what a long video runs at."""
-        working = self.seconds - self.setup_seconds
-        return self.frames / working if working > 0 else 0.0
-
 
 class _Run:
     """Shared state of one run: the first error wins and stops every stage."""
