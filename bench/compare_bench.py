@@ -7,7 +7,8 @@ For each model, in fresh processes one after another:
               runs (decode, tensor, model, clamp/round, encode ffv1)
   (d) ncnn    the `ncnn` package on the CPU with the original .param/.bin (the engine under
               realesrgan-ncnn-vulkan and video2x), per frame, same decode/encode
-fps, ratios to vidscale (reuse off), peak RSS of each process, and vidscale's reuse rate. Every fps
+fps, ratios to vidscale (reuse off), peak RSS of each process, vidscale's reuse rate, and the fps of
+the PyTorch and ncnn loops' model call alone (to set beside the bare model's). Every fps
 is counted the same way, after the first two frames (common.FrameClock) to the end of the run: loading
 a model, compiling it and its first inferences are once-per-run costs, which an episode's tens of
 thousands of frames hide; the bare model is timed after one untimed request per slot.
@@ -25,6 +26,7 @@ import argparse
 import os
 import tempfile
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import av
@@ -72,7 +74,7 @@ def _run(kind: str, model: str, clip: str, precision: str, cache: str) -> dict:
     from vidscale.models import resolve
 
     frames = reused = 0
-    clock = FrameClock()
+    clock, engine = FrameClock(), _EngineClock()
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "out.mkv"
         if kind in ("vidscale", "vidscale+reuse"):
@@ -108,7 +110,9 @@ def _run(kind: str, model: str, clip: str, precision: str, cache: str) -> dict:
             with torch.no_grad():
                 for rgb in frames_of(clip):
                     x = torch.from_numpy(rgb).permute(2, 0, 1)[None].float() / 255
-                    y = (module(x).clamp(0, 1) * 255).round().byte()[0].permute(1, 2, 0).numpy()
+                    with engine.timing(frames):
+                        y = module(x)
+                    y = (y.clamp(0, 1) * 255).round().byte()[0].permute(1, 2, 0).numpy()
                     writer = writer or _Ffv1(out, *y.shape[:2])
                     writer.write(np.ascontiguousarray(y))
                     frames += 1
@@ -131,7 +135,8 @@ def _run(kind: str, model: str, clip: str, precision: str, cache: str) -> dict:
                 extractor = net.create_extractor()
                 chw = np.ascontiguousarray(rgb.transpose(2, 0, 1), dtype=np.float32) / 255
                 extractor.input("data", ncnn.Mat(chw))
-                _, out_mat = extractor.extract("output")
+                with engine.timing(frames):
+                    _, out_mat = extractor.extract("output")
                 y = (np.clip(np.array(out_mat), 0, 1) * 255 + 0.5).astype(np.uint8).transpose(1, 2, 0)
                 writer = writer or _Ffv1(out, *y.shape[:2])
                 writer.write(np.ascontiguousarray(y))
@@ -139,7 +144,27 @@ def _run(kind: str, model: str, clip: str, precision: str, cache: str) -> dict:
                 clock.update(frames)
             writer.close()
             fps = clock.fps(time.perf_counter())
-    return {"fps": fps, "frames": frames, "reused": reused, "rss_mb": peak_rss_mb()}
+    return {"fps": fps, "engine_fps": engine.fps(), "frames": frames, "reused": reused, "rss_mb": peak_rss_mb()}
+
+
+class _EngineClock:
+    """Seconds a per-frame loop spends in the model call alone, past the first WARM_UP frames: the
+    engine's own speed, beside its loop's (conversions and encode, one after another)."""
+
+    def __init__(self):
+        self.frames = 0
+        self.seconds = 0.0
+
+    @contextmanager
+    def timing(self, index: int):
+        started = time.perf_counter()
+        yield
+        if index >= WARM_UP:
+            self.frames += 1
+            self.seconds += time.perf_counter() - started
+
+    def fps(self) -> float | None:
+        return self.frames / self.seconds if self.seconds else None
 
 
 def main() -> None:
@@ -188,7 +213,8 @@ def _cells(results: dict, kinds: list[str]) -> str:
     cells = " ".join(f"{results[k]['fps']:8.3f} ({results[k]['fps'] / base:5.2f}x)" for k in kinds)
     rss = "/".join(f"{results[k]['rss_mb']:.0f}" for k in kinds)
     reuse = results["vidscale+reuse"]
-    return f"{cells}   {rss}, reused {reuse['reused']}/{reuse['frames']}"
+    engines = ", ".join(f"{k} {results[k]['engine_fps']:.3f}" for k in kinds if results[k].get("engine_fps"))
+    return f"{cells}   {rss}, reused {reuse['reused']}/{reuse['frames']}; model call alone: {engines} fps"
 
 
 if __name__ == "__main__":
