@@ -73,7 +73,7 @@ def child(kind: str, model: str, clip: str, precision: str, cache: str) -> dict:
 def _run(kind: str, model: str, clip: str, precision: str, cache: str) -> dict:
     from vidscale.models import resolve
 
-    frames = reused = 0
+    reused = 0
     clock, engine = FrameClock(), _EngineClock()
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "out.mkv"
@@ -106,18 +106,15 @@ def _run(kind: str, model: str, clip: str, precision: str, cache: str) -> dict:
 
             torch.set_num_threads(os.cpu_count() or 1)
             module = resolve(model).module()
-            writer = None
+
+            def upscale(rgb: np.ndarray, index: int) -> np.ndarray:
+                x = torch.from_numpy(rgb).permute(2, 0, 1)[None].float() / 255
+                with engine.timing(index):
+                    y = module(x)
+                return (y.clamp(0, 1) * 255).round().byte()[0].permute(1, 2, 0).numpy()
+
             with torch.no_grad():
-                for rgb in frames_of(clip):
-                    x = torch.from_numpy(rgb).permute(2, 0, 1)[None].float() / 255
-                    with engine.timing(frames):
-                        y = module(x)
-                    y = (y.clamp(0, 1) * 255).round().byte()[0].permute(1, 2, 0).numpy()
-                    writer = writer or _Ffv1(out, *y.shape[:2])
-                    writer.write(np.ascontiguousarray(y))
-                    frames += 1
-                    clock.update(frames)
-            writer.close()
+                frames = _per_frame_loop(clip, out, clock, upscale)
             fps = clock.fps(time.perf_counter())
         else:
             import ncnn
@@ -130,21 +127,32 @@ def _run(kind: str, model: str, clip: str, precision: str, cache: str) -> dict:
             net.opt.use_vulkan_compute = False
             net.load_param(str(param))
             net.load_model(str(weights))
-            writer = None
-            for rgb in frames_of(clip):
+
+            def upscale(rgb: np.ndarray, index: int) -> np.ndarray:
                 extractor = net.create_extractor()
                 chw = np.ascontiguousarray(rgb.transpose(2, 0, 1), dtype=np.float32) / 255
                 extractor.input("data", ncnn.Mat(chw))
-                with engine.timing(frames):
+                with engine.timing(index):
                     _, out_mat = extractor.extract("output")
-                y = (np.clip(np.array(out_mat), 0, 1) * 255 + 0.5).astype(np.uint8).transpose(1, 2, 0)
-                writer = writer or _Ffv1(out, *y.shape[:2])
-                writer.write(np.ascontiguousarray(y))
-                frames += 1
-                clock.update(frames)
-            writer.close()
+                return (np.clip(np.array(out_mat), 0, 1) * 255 + 0.5).astype(np.uint8).transpose(1, 2, 0)
+
+            frames = _per_frame_loop(clip, out, clock, upscale)
             fps = clock.fps(time.perf_counter())
     return {"fps": fps, "engine_fps": engine.fps(), "frames": frames, "reused": reused, "rss_mb": peak_rss_mb()}
+
+
+def _per_frame_loop(clip: str, out: Path, clock: FrameClock, upscale) -> int:
+    """Decode, upscale (`upscale(rgb, index)`) and encode ffv1 one frame after another, as those
+    scripts do; the number of frames written."""
+    writer, frames = None, 0
+    for rgb in frames_of(clip):
+        upscaled = upscale(rgb, frames)
+        writer = writer or _Ffv1(out, *upscaled.shape[:2])
+        writer.write(np.ascontiguousarray(upscaled))
+        frames += 1
+        clock.update(frames)
+    writer.close()
+    return frames
 
 
 class _EngineClock:
