@@ -369,9 +369,10 @@ class VideoReader:
     stream and the raw av.Packet of every other stream, for a VideoWriter to copy.
     deep=True gives uint16 RGB (full 16-bit scale) whatever the source depth, for > 8-bit
     output. Packets the decoder rejects are concealed and counted in `corrupt_packets` (their
-    timestamps in `corrupt_at`), as ffmpeg does, unless strict=True, which raises MediaError on the first one. Frames a decoder
-    cannot produce (a stream starting mid-GOP) are not output. A size change mid-stream raises
-    MediaError, and so does a video that ends before its header says it does (truncated). Video streams other than the upscaled one are copied as they are.
+    timestamps in `corrupt_at`), as ffmpeg does, unless strict=True, which raises MediaError on
+    the first one. Frames a decoder cannot produce (a stream starting mid-GOP) are not output. A
+    size change mid-stream raises MediaError, and so does a video that ends before its header
+    says it does (truncated). Video streams other than the upscaled one are copied as they are.
 
     YUV->RGB uses the source's matrix and range (see VideoInfo for untagged sources). BT.2020
     (non-constant luminance) is converted with the BT.2020 matrix only, as swscale does: the RGB
@@ -555,21 +556,21 @@ class VideoReader:
         try:
             frames = self.stream.codec_context.decode(packet)
         except (av.error.InvalidDataError, av.error.UndefinedError) as exc:
-            self._corrupt(packet, exc, None if packet is None else _packet_time(packet))
+            self._corrupt(exc, None if packet is None else _packet_time(packet))
             return
         for frame in frames:
             if frame.is_corrupt:
-                self._corrupt(packet, None, frame.pts)
+                self._corrupt(None, frame.pts)
             yield frame
 
     @property
     def corrupt_packets(self) -> int:
         return len(self.corrupt_at)
 
-    def _corrupt(self, packet, exc, pts: int | None) -> None:
+    def _corrupt(self, exc, pts: int | None) -> None:
         self.corrupt_at.append(pts)
         if self.strict:
-            where = f"near pts {packet.pts}" if packet is not None else "at the end"
+            where = f"near pts {pts}" if pts is not None else "at the end"
             raise MediaError(f"{self.label}: corrupt video data {where}"
                              f"{f' ({exc.strerror})' if exc else ''}; "
                              f"drop --strict to conceal errors as ffmpeg does")
