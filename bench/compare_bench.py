@@ -8,10 +8,10 @@ For each model, in fresh processes one after another:
   (d) ncnn    the `ncnn` package on the CPU with the original .param/.bin (the engine under
               realesrgan-ncnn-vulkan and video2x), per frame, same decode/encode
 fps, ratios to vidscale (reuse off), peak RSS of each process, vidscale's reuse rate, and the fps of
-the PyTorch and ncnn loops' model call alone (to set beside the bare model's). Every fps
-is counted the same way, after the first two frames (common.FrameClock) to the end of the run: loading
-a model, compiling it and its first inferences are once-per-run costs, which an episode's tens of
-thousands of frames hide; the bare model is timed after one untimed request per slot.
+the PyTorch and ncnn loops' model call alone (to set beside the bare model's). Every fps is counted
+the same way, after the first two frames (common.FrameClock) to the end of the run: loading a model,
+compiling it and its first inferences are once-per-run costs, which an episode's tens of thousands
+of frames hide; the bare model is timed after one untimed request per slot.
 
 Clips: the first frames of the One Piece demo, and a synthetic 640x480 one (a panning cel drawing
 held on twos, ffv1, with audio); or any file given. With --precision int8 a clip whose INT8 model
