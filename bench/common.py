@@ -96,11 +96,11 @@ class FrameClock(Progress):
         if self.warm is None and frames >= WARM_UP:
             self.warm = time.perf_counter()
 
-    def fps(self, ended: float) -> float:
-        """fps of the frames after the first WARM_UP, the run having ended at `ended` (perf_counter)."""
+    def fps(self) -> float:
+        """fps of the frames after the first WARM_UP, the run having just ended."""
         if self.warm is None or self.frames <= WARM_UP:
             raise ValueError(f"{self.frames} frames written; a run needs more than {WARM_UP} to be timed")
-        return (self.frames - WARM_UP) / (ended - self.warm)
+        return (self.frames - WARM_UP) / (time.perf_counter() - self.warm)
 
 
 def peak_rss_mb() -> float:

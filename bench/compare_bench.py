@@ -86,7 +86,7 @@ def _run(kind: str, model: str, clip: str, precision: str, cache: str) -> dict:
                                        dedup=DEFAULT_DEDUP if kind == "vidscale+reuse" else None)
             result = upscale_video(clip, out, settings, EncoderSettings(codec="ffv1"), progress=clock)
             frames, reused = result.frames, result.reused_frames
-            fps = clock.fps(time.perf_counter())
+            fps = clock.fps()
         elif kind == "bare":
             from vidscale.config import UpscaleSettings
             from vidscale.pipeline import FrameUpscaler, calibration_frames
@@ -115,7 +115,7 @@ def _run(kind: str, model: str, clip: str, precision: str, cache: str) -> dict:
 
             with torch.no_grad():
                 frames = _per_frame_loop(clip, out, clock, upscale)
-            fps = clock.fps(time.perf_counter())
+            fps = clock.fps()
         else:
             import ncnn
 
@@ -137,7 +137,7 @@ def _run(kind: str, model: str, clip: str, precision: str, cache: str) -> dict:
                 return (np.clip(np.array(out_mat), 0, 1) * 255 + 0.5).astype(np.uint8).transpose(1, 2, 0)
 
             frames = _per_frame_loop(clip, out, clock, upscale)
-            fps = clock.fps(time.perf_counter())
+            fps = clock.fps()
     return {"fps": fps, "engine_fps": engine.fps(), "frames": frames, "reused": reused, "rss_mb": peak_rss_mb()}
 
 

@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import argparse
 import tempfile
-import time
 from pathlib import Path
 
 import av
@@ -65,7 +64,7 @@ def child_pipeline(model: str, precision: str, clip: str, encoder: dict, cache: 
     with tempfile.TemporaryDirectory() as tmp:
         clock = FrameClock()
         result = upscale_video(clip, Path(tmp) / "out.mkv", settings, EncoderSettings(**encoder), progress=clock)
-        fps = clock.fps(time.perf_counter())
+        fps = clock.fps()
     return {"fps": fps, "frames": result.frames, "reused": result.reused_frames,
             "setup": result.setup_seconds, "rss_mb": peak_rss_mb()}
 
