@@ -75,9 +75,8 @@ def check_device(device: str) -> None:
     silently running on the CPU is the kind of surprise we do not want.
     """
     available = core().available_devices
-    name, _, listed = device.partition(":")
-    virtual = name.upper() in ("AUTO", "MULTI", "HETERO", "BATCH")
-    wanted = [d for d in listed.split(",") if d] if virtual else [device]
+    listed = device.partition(":")[2]
+    wanted = [d for d in listed.split(",") if d] if _is_virtual(device) else [device]
     for dev in wanted:
         if not any(a == dev or a.split(".")[0] == dev for a in available):
             raise EngineError(
@@ -100,10 +99,14 @@ def resolve_precision(device: str, precision: str) -> str:
 
 
 def _capabilities(device: str) -> set[str]:
-    name = device.partition(":")[0]
-    if name.upper() in ("AUTO", "MULTI", "HETERO", "BATCH"):
-        return set()  # a virtual device has no single answer; let the plugin decide
+    if _is_virtual(device):
+        return set()  # no single answer; let the plugin decide
     return set(core().get_property(device, "OPTIMIZATION_CAPABILITIES"))
+
+
+def _is_virtual(device: str) -> bool:
+    """Whether `device` is one of OpenVINO's devices made of others."""
+    return device.partition(":")[0].upper() in ("AUTO", "MULTI", "HETERO", "BATCH")
 
 
 def ir_path(model, cache_dir: Path) -> Path:
@@ -231,7 +234,7 @@ class Engine:
         }
         if streams:
             config["NUM_STREAMS"] = str(streams)
-        if not self.settings.device.partition(":")[0].upper() in ("AUTO", "MULTI", "HETERO", "BATCH"):
+        if not _is_virtual(self.settings.device):
             # An INT8 graph carries its precision in its FakeQuantize nodes; the hint only sets
             # what the layers left in float (first and last convolution, RRDBNet's residual
             # additions) run at: bf16 where the device has it, as under "auto". Measured against
