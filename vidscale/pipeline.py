@@ -410,11 +410,8 @@ def upscale_segment(source: Path, target: Path, starts: list[int], index: int, f
     with VideoReader(source, strict=strict) as reader:
         plan, model, encoder = _prepare(frame_upscaler, reader, encoder)
         out_h, out_w = plan.out_shape
-        start = starts[index] if index else None
-        end = starts[index + 1] if index + 1 < len(starts) else None
-        if start is not None:
-            reader.seek(start)
-        window = _Window(reader, start, end)
+        window = _Window(reader, starts[index] if index else None,
+                         starts[index + 1] if index + 1 < len(starts) else None)
         lone = LoneSegment(target)
         with SegmentSink(lone, lambda path, _: VideoWriter(path, reader, out_w, out_h, encoder, segment=True,
                                                            after=after)) as sink:
@@ -429,10 +426,13 @@ def upscale_segment(source: Path, target: Path, starts: list[int], index: int, f
 
 class _Window:
     """The frames of a reader from pts `start` (None: the first) up to, not including, `end`
-    (None: the last), for _run_stages; other streams are left to the join."""
+    (None: the last), for _run_stages; other streams are left to the join. The reader is sought
+    to `start`, which must be a keyframe's pts."""
 
     def __init__(self, reader: VideoReader, start: int | None, end: int | None):
         self._reader, self._start, self._end = reader, start, end
+        if start is not None:
+            reader.seek(start)
 
     def holds(self, pts: int) -> bool:
         return (self._start is None or pts >= self._start) and (self._end is None or pts < self._end)
@@ -480,10 +480,7 @@ def _upscale_in_segments(reader: VideoReader, source, destination: Path, encoder
             decoded = reused = 0
             try:
                 if first < len(starts):
-                    events = reader
-                    if first > 0:
-                        reader.seek(starts[first])
-                        events = _Window(reader, starts[first], None)
+                    events = _Window(reader, starts[first], None) if first > 0 else reader
                     decoded, reused = _run_stages(events, sink, plan, model, progress, dedup,
                                                   Cutter(starts, work.records, first))
             finally:
