@@ -73,6 +73,24 @@ def test_output_inside_a_regular_file(tmp_path, refused, outputs):
     assert blocker.read_bytes() == b"not a directory"
 
 
+@pytest.mark.parametrize("kind", ["directory", "fifo", "symlink"])
+def test_an_output_that_is_not_a_regular_file_is_never_replaced(tmp_path, refused, outputs, kind):
+    source = make_clip(tmp_path / "in.mkv", frames=2)
+    output = outputs / "out.mkv"
+    kept = tmp_path / "kept.mkv"
+    kept.write_bytes(b"old")
+    if kind == "directory":
+        output.mkdir()
+    elif kind == "fifo":
+        os.mkfifo(output)
+    else:
+        output.symlink_to(kept)
+    message = "is a symbolic link; give the path it points to" if kind == "symlink" else "is not a regular file"
+    refused(source, 2, message, "--overwrite", output=output)
+    assert {"directory": output.is_dir, "fifo": output.is_fifo, "symlink": output.is_symlink}[kind]()
+    assert kept.read_bytes() == b"old"
+
+
 class _FailingMux:
     """Stands in for the output container: its mux raises `error` once `after` calls went through."""
 

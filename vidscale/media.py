@@ -144,6 +144,15 @@ def check_output(path: Path, inputs: list[Path], overwrite: bool) -> None:
     for source in inputs:
         if source.exists() and path.exists() and os.path.samefile(source, path):
             raise UsageError(f"output {path} is the input file; choose another output path")
+    # The output is written beside its path and renamed over it: a link would be replaced by a
+    # file, and so would a device or pipe (as root, `-o /dev/null --overwrite` would replace the
+    # system's /dev/null).
+    if path.is_symlink():
+        raise UsageError(f"output {path} is a symbolic link; give the path it points to, "
+                         f"{path.resolve()}, instead")
+    if path.exists() and not path.is_file():
+        raise UsageError(f"output {path} exists and is not a regular file (a directory, device or "
+                         f"pipe); give a file path, or - to write to stdout")
     if path.exists() and not overwrite:
         raise UsageError(f"output {path} already exists; pass --overwrite to replace it")
     if path.parent.exists() and not path.parent.is_dir():
