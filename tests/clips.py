@@ -30,7 +30,8 @@ def make_clip(path, *, frames=6, size=(64, 48), pts=None, time_base=Fraction(1, 
               options=None):
     """A small clip made here: `colour` is (sws matrix name, range, AVCOL colorspace code) or
     None for an untagged BT.601 limited picture; `gop`: the keyframe interval; `options`: more
-    encoder options (libx264's preset is ultrafast: no B-frames)."""
+    encoder options (libx264's preset is ultrafast: no B-frames); `audio`: an AAC and a FLAC
+    track, or "aac" for the AAC one alone."""
     width, height = size
     pts = list(range(0, frames * 40, 40)) if pts is None else pts
     with av.open(str(path), "w", format=fmt) as out:
@@ -55,8 +56,11 @@ def make_clip(path, *, frames=6, size=(64, 48), pts=None, time_base=Fraction(1, 
             sound = out.add_stream("aac", rate=8000)
             sound.metadata.update(language="eng", title="Commentary")
             sound.disposition = av.stream.Disposition.forced
-            second = out.add_stream("flac", rate=8000)
-            second.metadata["language"] = "fre"
+            tracks = [sound]
+            if audio != "aac":
+                second = out.add_stream("flac", rate=8000)
+                second.metadata["language"] = "fre"
+                tracks.append(second)
         if subtitles:
             srt = out.add_mux_stream("subrip")
             srt.metadata.update(language="ger", title="Signs")
@@ -87,7 +91,7 @@ def make_clip(path, *, frames=6, size=(64, 48), pts=None, time_base=Fraction(1, 
                     out.mux(packet)
         out.mux(video.encode())
         if audio:
-            for stream in (sound, second):
+            for stream in tracks:
                 samples = (np.sin(np.arange(2048) / 5) * 8000).astype(np.int16)[None]
                 fmt_name = "fltp" if stream.codec_context.name == "aac" else "s16"
                 data = samples.astype(np.float32) / 32768 if fmt_name == "fltp" else samples

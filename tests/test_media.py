@@ -259,12 +259,34 @@ def test_failed_run_leaves_no_output(tmp_path):
     assert list(tmp_path.iterdir()) == [source]
 
 
-def test_stream_the_container_cannot_carry_is_refused_not_dropped(tmp_path):
-    source = make_clip(tmp_path / "in.mkv", frames=1, subtitles=True, audio=False)
+@pytest.mark.parametrize("output, contents, codec, message", [
+    ("out.mp4", {"subtitles": True}, "libx264", "mp4 container cannot carry stream 1 .subtitle, srt."),
+    # MPEG-TS and AVI take these and write them as untyped data, or drop them.
+    ("out.ts", {"subtitles": True}, "libx264", "mpegts container cannot carry stream 1 .subtitle, srt."),
+    ("out.ts", {"audio": True}, "libx264", "mpegts container cannot carry stream 2 .audio, flac."),
+    ("out.ts", {"chapters": True}, "libx264", "mpegts container cannot carry chapters"),
+    ("out.avi", {"chapters": True}, "libx264", "avi container cannot carry chapters"),
+    ("out.ts", {}, "ffv1", "mpegts container cannot hold ffv1 video"),
+    ("out.mp4", {"attachment": True}, "libx264", "mp4 container cannot carry attachments .ZenMaru.ttf."),
+])
+def test_what_the_container_cannot_carry_is_refused_not_dropped(tmp_path, output, contents, codec, message):
+    source = make_clip(tmp_path / "in.mkv", frames=1, **{"audio": False, **contents})
     with VideoReader(source) as reader:
-        with pytest.raises(MediaError, match="mp4 container cannot carry stream 1 .subtitle, srt."):
-            VideoWriter(tmp_path / "out.mp4", reader, 128, 96, FAST)
-    assert not (tmp_path / "out.mp4").exists()
+        with pytest.raises(MediaError, match=message):
+            VideoWriter(tmp_path / output, reader, 128, 96, EncoderSettings(codec=codec))
+    assert list(tmp_path.iterdir()) == [source]
+
+
+def test_mpeg_ts_output_keeps_its_audio(tmp_path):
+    source = make_clip(tmp_path / "in.mkv", frames=2, audio="aac")
+    with VideoReader(source) as reader, VideoWriter(tmp_path / "out.ts", reader, 128, 96, FAST) as writer:
+        for event in reader.events():
+            if isinstance(event, VideoFrame):
+                writer.write_frame(nearest(event.rgb, 2), event.pts)
+            else:
+                writer.write_packet(event)
+    with av.open(str(tmp_path / "out.ts")) as result:
+        assert [s.codec_context.name for s in result.streams] == ["h264", "aac"]
 
 
 # --- pipes ---------------------------------------------------------------------------------

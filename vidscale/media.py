@@ -232,6 +232,13 @@ OUTPUT_FORMATS = {".mkv": "matroska", ".webm": "webm", ".mp4": "mp4", ".m4v": "m
                   ".mov": "mov", ".nut": "nut", ".ts": "mpegts", ".m2ts": "mpegts",
                   ".mts": "mpegts", ".avi": "avi"}
 PIPE_FORMAT = "matroska"
+# MPEG-TS takes any stream, but writes one it has no stream type for as private data, which reads
+# back as an untyped data stream (FLAC, PCM, ASS and SRT among them); these are the codecs it keeps.
+# Conservative: a codec missing here is refused with a pointer to .mkv, never damaged.
+_MPEGTS_CODECS = {"h264", "hevc", "mpeg2video", "mpeg4", "aac", "aac_latm", "ac3", "eac3", "mp2", "mp3",
+                  "opus", "dvb_subtitle", "dvb_teletext"}
+# Containers whose muxer drops chapters without a word.
+_NO_CHAPTERS = {"mpegts", "avi"}
 # These write their index (moov) at the end by seeking back, which a pipe cannot do; fragmented
 # MP4 puts an empty moov first and the samples in self-contained fragments. delay_moov holds the
 # moov back until the first fragment so it can carry the edit list: without it every timestamp
@@ -769,6 +776,9 @@ class VideoWriter:
                 self._streams[stream.index] = self._copy_stream(stream)
         chapters = source.chapters()
         if chapters:
+            if self.container.format.name in _NO_CHAPTERS:
+                raise MediaError(f"{self.label}: the {self.container.format.name} container cannot "
+                                 f"carry chapters; write .mkv instead")
             self.container.set_chapters(chapters)
 
     def _add_video(self, source, codec: av.Codec, settings: EncoderSettings):
@@ -781,6 +791,8 @@ class VideoWriter:
         options.update(settings.options)
         pix_fmt = output_pix_fmt(codec, settings, info)
         try:
+            if not self._keeps(codec.canonical_name):
+                raise ValueError(codec.canonical_name)
             stream = self.container.add_stream(codec.name, options=options)
         except ValueError as exc:
             raise MediaError(f"{self.label}: the {self.container.format.name} container cannot "
@@ -842,8 +854,13 @@ class VideoWriter:
             stream.set_display_rotation(self.reader.info.rotation)
         return self._tag_video(stream, source)
 
+    def _keeps(self, codec: str) -> bool:
+        return self.container.format.name != "mpegts" or codec in _MPEGTS_CODECS
+
     def _copy_stream(self, source):
         try:
+            if not self._keeps(source.codec_context.codec.canonical_name if source.codec_context else "data"):
+                raise ValueError(source.index)
             stream = self.container.add_stream_from_template(source)
         except ValueError as exc:
             codec = source.codec_context.name if source.codec_context else "data"
@@ -861,6 +878,10 @@ class VideoWriter:
             raise MediaError(f"{self.reader.label}: attachment stream {source.index} has no "
                              f"file name; remux the input with mkvmerge first")
         try:
+            # Matroska is the one container with attachments; others take them as streams of
+            # no type (MPEG-TS) or fail when the header is written.
+            if self.container.format.name != "matroska":
+                raise ValueError(name)
             self.container.add_attachment(name, source.mimetype or "application/octet-stream",
                                           source.data)
         except (av.FFmpegError, ValueError) as exc:
