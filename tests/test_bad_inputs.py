@@ -91,6 +91,17 @@ def test_an_output_that_is_not_a_regular_file_is_never_replaced(tmp_path, refuse
     assert kept.read_bytes() == b"old"
 
 
+@pytest.mark.parametrize("extra, message", [
+    (["-s", "1"], "libx264 cannot write the 65x49 output in yuv420p, which stores colour at half size, "
+                  "with an odd side; use --pix-fmt yuv444p"),
+    (["--preset", "bogus"], "encoder libx264 refused its settings (Invalid argument); check --preset"),
+])
+def test_settings_the_encoder_refuses_fail_before_any_frame(tmp_path, refused, monkeypatch, extra, message):
+    source = make_clip(tmp_path / "in.mkv", frames=2, size=(65, 49), codec="ffv1")
+    monkeypatch.setattr(VideoWriter, "write_frame", lambda *_: pytest.fail("a frame reached the encoder"))
+    refused(source, 2, message, *extra)
+
+
 class _FailingMux:
     """Stands in for the output container: its mux raises `error` once `after` calls went through."""
 

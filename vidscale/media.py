@@ -834,7 +834,23 @@ class VideoWriter:
         self._to_yuv = dict(format=pix_fmt, dst_colorspace=_SWS_MATRIX[matrix],
                             dst_color_range=_SWS_RANGE[colour_range], interpolation=_SWS_FLAGS)
         self._reformatter = VideoReformatter()
+        self._open_encoder(ctx, codec, pix_fmt)
         return self._tag_video(stream, source)
+
+    def _open_encoder(self, ctx, codec: av.Codec, pix_fmt: str) -> None:
+        """Open the encoder now rather than at the first frame, so that settings it refuses fail
+        before any work is done, with a message about the settings rather than the disk."""
+        try:
+            ctx.open()
+        except av.FFmpegError as exc:
+            # Some encoders (FFV1, VP9) take odd sizes with half-size colour; x264 and x265 do not.
+            chroma = av.VideoFormat(pix_fmt, self.width, self.height).components[-1]
+            if (chroma.width, chroma.height) != (self.width, self.height) and (self.width % 2 or self.height % 2):
+                raise UsageError(f"{codec.name} cannot write the {self.width}x{self.height} output in "
+                                 f"{pix_fmt}, which stores colour at half size, with an odd side; use "
+                                 f"--pix-fmt yuv444p, or a scale that makes both sides even") from exc
+            raise UsageError(f"encoder {codec.name} refused its settings ({exc.strerror}); check "
+                             f"--preset, --crf, -x and --pix-fmt") from exc
 
     def _tag_video(self, stream, source):
         stream.metadata.update({k: v for k, v in source.metadata.items()
