@@ -112,6 +112,18 @@ def test_scale_above_native_is_refused(engine):
         engine.upscaler((8, 8), outscale=5)
 
 
+def test_a_cache_directory_that_cannot_be_made_is_a_usage_error(identity_model, tmp_path):
+    blocker = tmp_path / "cache"
+    blocker.write_bytes(b"a file")
+    with pytest.raises(UsageError, match="cache directory .*cache cannot be made .a file is in the way.; pass --cache-dir"):
+        Engine(resolve(identity_model), EngineSettings(cache_dir=blocker))
+
+
+def test_a_negative_overlap_is_a_usage_error(identity_model, cache_dir):
+    with pytest.raises(UsageError, match="overlap -3 is negative; give --overlap 0 or more"):
+        FrameUpscaler(UpscaleSettings(model=str(identity_model), overlap=-3, cache_dir=cache_dir))
+
+
 def test_a_tensor_of_another_shape_never_reaches_the_compiled_model(engine):
     upscaler = engine.upscaler((16, 16))
     for wrong in (np.zeros((1, 16, 15, 3), np.uint8), np.zeros((1, 15, 16, 3), np.uint8),

@@ -128,6 +128,13 @@ class Engine:
                  calibration: Sequence[np.ndarray] | None = None,
                  evaluation: Sequence[np.ndarray] | None = None):
         check_device(settings.device)
+        cache = settings.resolved_cache_dir
+        try:
+            cache.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            why = "a file is in the way" if cache.exists() else exc.strerror
+            raise UsageError(f"cache directory {cache} cannot be made ({why}); pass --cache-dir "
+                             f"(or set VIDSCALE_CACHE_DIR to) a writable directory") from exc
         self.model = model
         self.settings = settings
         self.precision = resolve_precision(settings.device, settings.precision)

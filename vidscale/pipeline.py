@@ -68,6 +68,8 @@ class FrameUpscaler:
 
     def __init__(self, settings: UpscaleSettings = UpscaleSettings(), model: LoadedModel | None = None,
                  calibration: list[np.ndarray] | None = None, evaluation: list[np.ndarray] | None = None):
+        if settings.overlap < 0:
+            raise UsageError(f"overlap {settings.overlap} is negative; give --overlap 0 or more input pixels")
         self.model = model if model is not None else resolve(settings.model)
         native = self.model.spec.scale
         if settings.scale is None:
