@@ -6,7 +6,7 @@ import sys
 import numpy as np
 import pytest
 
-from conftest import nearest
+from conftest import nearest, save_compact
 from vidscale.cli import main
 from vidscale.media import Image, read_image, write_image
 
@@ -29,6 +29,26 @@ def test_rgba_keeps_its_alpha(tmp_path, run, identity_model):
     out = read_image(tmp_path / "out.png").pixels
     assert out.shape == (52, 68, 4)
     assert np.array_equal(out, nearest(pixels, 4))
+
+
+def test_a_uniform_alpha_stays_uniform(tmp_path, run):
+    # The model darkens by 5 levels: an opaque alpha sent through it would come out 250.
+    model = save_compact(tmp_path / "darker.safetensors", last_bias=-5 / 255)
+    pixels = np.random.default_rng(5).integers(20, 256, (13, 17, 4), dtype=np.uint8)
+    pixels[:, :, 3] = 255
+    write_image(Image(pixels), tmp_path / "in.png")
+    assert run("image", str(tmp_path / "in.png"), "-o", str(tmp_path / "out.png"), "-m", str(model))[0] == 0
+    out = read_image(tmp_path / "out.png").pixels
+    assert (out[:, :, 3] == 255).all()
+    assert np.abs(out[:, :, :3].astype(int) - nearest(pixels[:, :, :3], 4) + 5).max() <= 1
+
+
+def test_a_cmyk_jpeg_is_a_picture_without_alpha(tmp_path, run, identity_model):
+    pil = pytest.importorskip("PIL.Image")  # PyAV cannot write CMYK JPEG
+    rgb = np.random.default_rng(8).integers(0, 256, (8, 8, 3), dtype=np.uint8)
+    pil.fromarray(rgb).convert("CMYK").save(tmp_path / "cmyk.jpg")
+    assert not read_image(tmp_path / "cmyk.jpg").has_alpha
+    assert run("image", str(tmp_path / "cmyk.jpg"), "-o", str(tmp_path / "out.jpg"), "-m", str(identity_model))[0] == 0
 
 
 def test_a_16_bit_png_keeps_16_bits(tmp_path, run, identity_model):

@@ -361,10 +361,14 @@ def run_image(args: argparse.Namespace) -> int:
                              evaluation=[picture.rgb])
     rgb = upscaler(picture.rgb.copy())
     if picture.has_alpha:
-        # Like Real-ESRGAN, alpha goes through the model too (as grey), so edges stay as sharp as
-        # the colour they belong to.
-        alpha = upscaler(np.repeat(picture.alpha[:, :, None], 3, axis=2))
-        rgb = np.concatenate([rgb, alpha[:, :, :1]], axis=2)
+        if (picture.alpha == picture.alpha.flat[0]).all():
+            # Uniform (often fully opaque): the model would ripple it by a few levels.
+            alpha = np.full((*rgb.shape[:2], 1), picture.alpha.flat[0], rgb.dtype)
+        else:
+            # Like Real-ESRGAN, alpha goes through the model too (as grey), so edges stay as sharp
+            # as the colour they belong to.
+            alpha = upscaler(np.repeat(picture.alpha[:, :, None], 3, axis=2))[:, :, :1]
+        rgb = np.concatenate([rgb, alpha], axis=2)
     write_image(Image(rgb, grey=picture.grey), args.output)
     if not args.quiet:
         h, w = picture.pixels.shape[:2]

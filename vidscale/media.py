@@ -56,6 +56,7 @@ def read_image(path: Path) -> Image:
         with av.open(str(path)) as container:
             if not container.streams.video:
                 raise MediaError(f"{path} holds no picture; give a PNG or JPEG image")
+            codec = container.streams.video[0].codec_context.name
             frame = next(container.decode(video=0), None)
     except av.FFmpegError as exc:
         raise MediaError(f"{path} is not a readable image ({exc.strerror or exc}); "
@@ -67,8 +68,10 @@ def read_image(path: Path) -> Image:
     alpha = fmt.name == "pal8" or any(c.is_alpha for c in fmt.components)
     target = ("rgba64le" if deep else "rgba") if alpha else ("rgb48le" if deep else "rgb24")
     pixels = frame.to_ndarray(format=target)
-    if alpha and fmt.name == "pal8" and (pixels[:, :, 3] == 255).all():
-        pixels = pixels[:, :, :3]  # a palette without transparency is plain RGB
+    if alpha and (fmt.name == "pal8" or codec == "mjpeg") and (pixels[:, :, 3] == 255).all():
+        # A palette without transparency is plain RGB, and so is a JPEG: FFmpeg decodes an Adobe
+        # CMYK one to RGB with an opaque alpha plane.
+        pixels = pixels[:, :, :3]
     grey = fmt.name != "pal8" and sum(not c.is_alpha for c in fmt.components) == 1
     return Image(np.ascontiguousarray(pixels), grey=grey)
 
