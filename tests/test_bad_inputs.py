@@ -73,6 +73,18 @@ def test_output_inside_a_regular_file(tmp_path, refused, outputs):
     assert blocker.read_bytes() == b"not a directory"
 
 
+@pytest.mark.parametrize("args, message", [
+    (["-s", "1.5"], "argument -s/--scale: invalid int value: '1.5'; see vidscale upscale --help"),
+    (["--dedup", "banana"], "--dedup 'banana' is not off, exact or a number"),
+])
+def test_a_bad_option_value_is_one_line_too(tmp_path, capsys, args, message):
+    with pytest.raises(SystemExit) as stopped:
+        main(["upscale", str(tmp_path / "in.mkv"), "-o", str(tmp_path / "out.mkv"), *args])
+    err = capsys.readouterr().err
+    assert stopped.value.code == 2
+    assert err.startswith("vidscale: error: ") and len(err.splitlines()) == 1 and message in err, err
+
+
 @pytest.mark.parametrize("kind", ["directory", "fifo", "symlink"])
 def test_an_output_that_is_not_a_regular_file_is_never_replaced(tmp_path, refused, outputs, kind):
     source = make_clip(tmp_path / "in.mkv", frames=2)

@@ -125,8 +125,16 @@ _BATCH_SETTINGS = {"model", "scale", "tile", "overlap", "precision", "device", "
                    "pix_fmt", "encoder_option", "format", "strict", "dedup", "tune"}
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with the one-line errors the rest of vidscale gives (argparse's own print the
+    whole usage block first)."""
+
+    def error(self, message: str):
+        self.exit(UsageError.exit_status, f"vidscale: error: {message}; see {self.prog} --help\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="vidscale", description="Real-ESRGAN upscaling on OpenVINO.")
+    parser = _Parser(prog="vidscale", description="Real-ESRGAN upscaling on OpenVINO.")
     parser.add_argument("--cache-dir", type=Path, default=None,
                         help="where converted models are kept (default: $VIDSCALE_CACHE_DIR, "
                              "else $XDG_CACHE_HOME/vidscale)")
