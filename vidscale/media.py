@@ -854,6 +854,10 @@ class VideoWriter:
                                  f"--pix-fmt yuv444p, or a scale that makes both sides even") from exc
             raise UsageError(f"encoder {codec.name} refused its settings ({exc.strerror}); check "
                              f"--preset, --crf, -x and --pix-fmt") from exc
+        # PyAV leaves the options the encoder did not take: a typo in -x would do nothing.
+        if ctx.options:
+            raise UsageError(f"encoder {codec.name} has no option {', '.join(sorted(ctx.options))}; "
+                             f"check -x (ffmpeg -h encoder={codec.name} lists them)")
 
     def _tag_video(self, stream, source):
         stream.metadata.update({k: v for k, v in source.metadata.items()
