@@ -334,6 +334,22 @@ def test_read_from_pipe_and_write_to_stdout_pipe(tmp_path, monkeypatch, fmt):
         assert b"moof" in received[0]
 
 
+def test_an_mp4_with_its_index_last_on_stdin_is_refused_with_the_cause(tmp_path, monkeypatch):
+    # Larger than the buffer the demuxer could seek back in.
+    data = make_clip(tmp_path / "in.mp4", frames=12, size=(640, 480), audio=False).read_bytes()
+    assert data.index(b"moov") > data.index(b"mdat")  # as most MP4 muxers write it
+    read_end, write_end = os.pipe()
+    feeder = threading.Thread(target=lambda: os.fdopen(write_end, "wb").write(data))
+    feeder.start()
+    with os.fdopen(read_end, "rb") as stdin:
+        monkeypatch.setattr(sys, "stdin", _Stdout(stdin))
+        with pytest.raises(MediaError, match=r"only with its index first \(ffmpeg -movflags \+faststart\)"):
+            with VideoReader("-"):
+                pass
+        stdin.read()  # let the feeder finish
+    feeder.join()
+
+
 def test_reader_closing_stdout_is_a_distinct_error(tmp_path, monkeypatch):
     source = make_clip(tmp_path / "in.mkv", frames=30, size=(256, 192), audio=False)
     read_end, write_end = os.pipe()

@@ -568,6 +568,11 @@ class VideoReader:
             if decode:
                 yield from self._decode(None)
         except av.FFmpegError as exc:
+            if self.label == "stdin" and self.container.format.name.startswith("mov"):
+                # Most MP4s are written with their index (moov) last, which needs a seek back.
+                raise MediaError(f"reading stdin failed ({exc.strerror or exc}); an MP4 or MOV can be read "
+                                 f"from a pipe only with its index first (ffmpeg -movflags +faststart): "
+                                 f"give the file's path instead") from exc
             raise MediaError(f"reading {self.label} failed ({exc.strerror or exc}); "
                              f"check that the file is complete") from exc
 
