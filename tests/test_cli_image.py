@@ -6,6 +6,7 @@ import sys
 import numpy as np
 import pytest
 
+from clips import make_clip
 from conftest import nearest, save_compact
 from vidscale.cli import main
 from vidscale.media import Image, read_image, write_image
@@ -94,6 +95,7 @@ def test_jpeg_output_and_its_limits(tmp_path, run, identity_model):
     ("directory", 5, "is a directory"),
     ("empty", 5, "is empty"),
     ("garbage", 5, "is not a readable image"),
+    ("video", 5, "is h264 in matroska, not a PNG or JPEG picture; give one (vidscale upscale takes video)"),
     ("exists", 2, "already exists; pass --overwrite"),
     ("same", 2, "is the input file"),
     ("model", 3, "unknown model 'no-such-model'; known models: RealESRGAN_x4plus_anime_6B"),
@@ -115,6 +117,8 @@ def test_bad_requests_fail_with_one_clear_line_and_leave_nothing(tmp_path, run, 
     elif case == "garbage":
         source = tmp_path / "garbage.png"
         source.write_bytes(np.random.default_rng(7).bytes(5000))
+    elif case == "video":
+        source = make_clip(tmp_path / "clip.mkv", frames=2)
     elif case == "exists":
         output.write_bytes(b"keep me")
     elif case == "same":

@@ -57,6 +57,9 @@ def read_image(path: Path) -> Image:
             if not container.streams.video:
                 raise MediaError(f"{path} holds no picture; give a PNG or JPEG image")
             codec = container.streams.video[0].codec_context.name
+            if codec not in ("png", "mjpeg") or container.format.name not in ("png_pipe", "jpeg_pipe", "image2"):
+                raise MediaError(f"{path} is {codec} in {container.format.name.split(',')[0]}, not a PNG or "
+                                 f"JPEG picture; give one (vidscale upscale takes video)")
             frame = next(container.decode(video=0), None)
     except av.FFmpegError as exc:
         raise MediaError(f"{path} is not a readable image ({exc.strerror or exc}); "
