@@ -224,6 +224,19 @@ def test_stream_without_initial_keyframe(tmp_path):
         assert sum(isinstance(e, VideoFrame) for e in out.events()) == 15
 
 
+def test_packets_that_give_no_picture_at_the_start_are_counted_or_refused(tmp_path):
+    with VideoReader(media("mediabunny_no-initial-keyframe.ts")) as reader:
+        assert reader.lost_at_start == 63  # what ffmpeg reports as 63 "no frame!"
+    with pytest.raises(MediaError, match="the first 63 video packets give no picture .the stream starts "
+                                         "without a keyframe.; drop --strict"):
+        VideoReader(media("mediabunny_no-initial-keyframe.ts"), strict=True)
+    # Pictures reordered (B-frames) are not lost ones.
+    reordered = make_clip(tmp_path / "b.mkv", frames=12, options={"preset": "medium"}, audio=False)
+    with VideoReader(reordered, strict=True) as reader:
+        assert reader.stream.codec_context.has_b_frames
+        assert sum(isinstance(e, VideoFrame) for e in reader.events()) == 12 and reader.lost_at_start == 0
+
+
 # --- encoders ------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("codec", sorted(ENCODER_DEFAULTS))

@@ -222,6 +222,9 @@ def _warnings(result) -> list[str]:
     warnings = []
     if result.corrupt_packets:
         warnings.append(f"{result.corrupt_packets} corrupt packets concealed")
+    if result.lost_at_start:
+        warnings.append(f"the first {result.lost_at_start} video packets gave no picture "
+                        f"(the input starts without a keyframe)")
     if result.retimed_frames:
         warnings.append(f"{result.retimed_frames} repeated timestamps moved one tick")
     return warnings
@@ -277,6 +280,7 @@ def run_upscale(args: argparse.Namespace, log: EventLog | None) -> int:
     if log is not None:
         log.write("end", **where, status="done", frames=result.frames, seconds=round(result.seconds, 3),
                   fps=round(result.fps, 3), corrupt_packets=result.corrupt_packets,
+                  lost_at_start=result.lost_at_start,
                   retimed_frames=result.retimed_frames, reused_frames=result.reused_frames,
                   resumed_frames=result.resumed_frames)
     if not args.quiet:

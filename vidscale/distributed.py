@@ -416,6 +416,7 @@ class _Driver:
             str(run.job.source), str(run.job.output), "done", frames=frames, seconds=round(seconds, 3),
             fps=round(frames / seconds, 3) if seconds > 0 else 0.0,
             corrupt_packets=sum(r.corrupt_packets for r in run.done.values()),
+            lost_at_start=sum(r.lost_at_start for r in run.done.values()),
             retimed_frames=sum(r.retimed_frames for r in run.done.values()),
             reused_frames=sum(r.reused_frames for r in run.done.values()),
             resumed_frames=run.resumed_frames))

@@ -77,6 +77,7 @@ class JobResult:
     seconds: float = 0.0
     fps: float = 0.0
     corrupt_packets: int = 0
+    lost_at_start: int = 0
     retimed_frames: int = 0
     reused_frames: int = 0
     resumed_frames: int = 0
@@ -407,5 +408,6 @@ def run_job(job: Job, overwrite: bool, segment_seconds: float, progress=None) ->
         return failed_result(job, exc)
     return JobResult(str(job.source), str(job.output), "done", frames=result.frames,
                      seconds=round(result.seconds, 3), fps=round(result.fps, 3),
-                     corrupt_packets=result.corrupt_packets, retimed_frames=result.retimed_frames,
+                     corrupt_packets=result.corrupt_packets, lost_at_start=result.lost_at_start,
+                     retimed_frames=result.retimed_frames,
                      reused_frames=result.reused_frames, resumed_frames=result.resumed_frames)

@@ -392,7 +392,9 @@ class VideoReader:
     deep=True gives uint16 RGB (full 16-bit scale) whatever the source depth, for > 8-bit
     output. Packets the decoder rejects are concealed and counted in `corrupt_packets` (their
     timestamps in `corrupt_at`), as ffmpeg does, unless strict=True, which raises MediaError on
-    the first one. Frames a decoder cannot produce (a stream starting mid-GOP) are not output. A
+    the first one. Frames a decoder cannot produce (a stream starting mid-GOP) are not output; the
+    packets ahead of the first picture that gave none are counted in `lost_at_start` (strict=True
+    raises MediaError instead). A
     size change mid-stream raises MediaError, and so does a video that ends before its header
     says it does (truncated). Video streams other than the upscaled one are copied as they are.
 
@@ -407,6 +409,9 @@ class VideoReader:
         self.deep = deep
         self.strict = strict
         self.corrupt_at: list[int | None] = []
+        self.lost_at_start = 0
+        # Timestamps of the video packets decoded before the first picture came out.
+        self._before_first: list[int | None] | None = []
         self.container = open_input(source)
         try:
             self.stream = _video_stream(self.container, self.label)
@@ -538,6 +543,7 @@ class VideoReader:
         events() goes on from there. Frames a seek lands before `pts` on are still given; the
         caller drops them."""
         self._lookahead = []
+        self._before_first = None  # not the start of the stream
         self.stream.codec_context.flush_buffers()
         try:
             self.container.seek(pts, stream=self.stream, backward=True)
@@ -580,15 +586,31 @@ class VideoReader:
                              f"check that the file is complete") from exc
 
     def _decode(self, packet):
+        if self._before_first is not None and packet is not None:
+            self._before_first.append(_packet_time(packet))
         try:
             frames = self.stream.codec_context.decode(packet)
         except (av.error.InvalidDataError, av.error.UndefinedError) as exc:
             self._corrupt(exc, None if packet is None else _packet_time(packet))
             return
         for frame in frames:
+            if self._before_first is not None:
+                self._count_lost_at_start(frame.pts)
             if frame.is_corrupt:
                 self._corrupt(None, frame.pts)
             yield frame
+
+    def _count_lost_at_start(self, first: int | None) -> None:
+        """Pictures come out in presentation order, so a packet decoded ahead of the first one
+        with an earlier timestamp never gave one: its references lie before the start of the
+        stream (cut mid-GOP, or open-GOP leading pictures)."""
+        early, self._before_first = self._before_first, None
+        if first is not None:
+            self.lost_at_start = sum(1 for pts in early if pts is not None and pts < first)
+        if self.lost_at_start and self.strict:
+            raise MediaError(f"{self.label}: the first {self.lost_at_start} video packets give no picture "
+                             f"(the stream starts without a keyframe); drop --strict to start at its "
+                             f"first picture, as ffmpeg does")
 
     @property
     def corrupt_packets(self) -> int:

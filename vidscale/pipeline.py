@@ -205,6 +205,8 @@ class VideoResult:
     setup_seconds: float = 0.0
     """Part of `seconds` spent before the first frame: loading, converting and compiling the model,
     opening input and output. Per run, not per frame, so a long video hides it."""
+    lost_at_start: int = 0
+    """Video packets at the start of the input that gave no picture (see VideoReader)."""
 
     @property
     def fps(self) -> float:
@@ -370,7 +372,8 @@ def upscale_video(source, destination, settings: UpscaleSettings = UpscaleSettin
                                  f"the output is incomplete and was not kept")
         return VideoResult(output=str(destination), frames=decoded, seconds=time.monotonic() - started,
                            corrupt_packets=reader.corrupt_packets, retimed_frames=writer.retimed_frames,
-                           reused_frames=reused, setup_seconds=ready - started)
+                           reused_frames=reused, setup_seconds=ready - started,
+                           lost_at_start=reader.lost_at_start)
 
 
 def _prepare(frame_upscaler: FrameUpscaler, reader: VideoReader,
@@ -394,6 +397,8 @@ class SegmentResult:
     corrupt_packets: int
     retimed_frames: int
     reused_frames: int
+    lost_at_start: int
+    """Counted by the first segment only."""
 
 
 def upscale_segment(source: Path, target: Path, starts: list[int], index: int, frame_upscaler: FrameUpscaler,
@@ -423,7 +428,8 @@ def upscale_segment(source: Path, target: Path, starts: list[int], index: int, f
     # The decoder reads a few packets past both ends of the window (pictures out of order), so a
     # broken packet near an edge is seen by two segments.
     corrupt = sum(1 for pts in reader.corrupt_at if pts is None or window.holds(pts))
-    return SegmentResult(lone.records.get(index), corrupt, sink.retimed_frames, reused)
+    return SegmentResult(lone.records.get(index), corrupt, sink.retimed_frames, reused,
+                         reader.lost_at_start if index == 0 else 0)
 
 
 class _Window:
@@ -495,7 +501,8 @@ def _upscale_in_segments(reader: VideoReader, source, destination: Path, encoder
     work.remove()
     return VideoResult(output=str(destination), frames=frames, seconds=time.monotonic() - started,
                        corrupt_packets=reader.corrupt_packets, retimed_frames=sink.retimed_frames,
-                       reused_frames=reused, resumed_frames=sink.resumed_frames, setup_seconds=ready - started)
+                       reused_frames=reused, resumed_frames=sink.resumed_frames, setup_seconds=ready - started,
+                       lost_at_start=reader.lost_at_start)
 
 
 def _run_stages(reader: VideoReader | _Window, writer: VideoWriter | SegmentSink, plan: TilePlan, model: Upscaler,
