@@ -97,6 +97,7 @@ inputs = "season"
 inputs = ["broken.mkv", "season/ep1.*"]
 template = "extra-{{stem}}.mkv"
 codec = "ffv1"
+options = {{}}  # ffv1 has no tune: a job inheriting it would fail
 ''')
     (tmp_path / "out").mkdir()
     status, err = batch(str(jobs), "--report", str(tmp_path / "report.json"), "--progress", "none")

@@ -867,10 +867,10 @@ class VideoWriter:
         self._to_yuv = dict(format=pix_fmt, dst_colorspace=_SWS_MATRIX[matrix],
                             dst_color_range=_SWS_RANGE[colour_range], interpolation=_SWS_FLAGS)
         self._reformatter = VideoReformatter()
-        self._open_encoder(ctx, codec, pix_fmt)
+        self._open_encoder(ctx, codec, pix_fmt, settings.options)
         return self._tag_video(stream, source)
 
-    def _open_encoder(self, ctx, codec: av.Codec, pix_fmt: str) -> None:
+    def _open_encoder(self, ctx, codec: av.Codec, pix_fmt: str, extra: tuple[tuple[str, str], ...]) -> None:
         """Open the encoder now rather than at the first frame, so that settings it refuses fail
         before any work is done, with a message about the settings rather than the disk."""
         try:
@@ -884,9 +884,12 @@ class VideoWriter:
                                  f"--pix-fmt yuv444p, or a scale that makes both sides even") from exc
             raise UsageError(f"encoder {codec.name} refused its settings ({exc.strerror}); check "
                              f"--preset, --crf, -x and --pix-fmt") from exc
-        # PyAV leaves the options the encoder did not take: a typo in -x would do nothing.
-        if ctx.options:
-            raise UsageError(f"encoder {codec.name} has no option {', '.join(sorted(ctx.options))}; "
+        # PyAV leaves the options the encoder did not take: a typo in -x would do nothing. (--crf
+        # and --preset are left alone: a batch's defaults may set them for jobs whose encoder,
+        # such as FFV1, has neither, and a job cannot unset them.)
+        unused = sorted(set(ctx.options) & {key for key, _ in extra})
+        if unused:
+            raise UsageError(f"encoder {codec.name} has no option {', '.join(unused)}; "
                              f"check -x (ffmpeg -h encoder={codec.name} lists them)")
 
     def _tag_video(self, stream, source):
