@@ -392,11 +392,11 @@ class VideoReader:
     deep=True gives uint16 RGB (full 16-bit scale) whatever the source depth, for > 8-bit
     output. Packets the decoder rejects are concealed and counted in `corrupt_packets` (their
     timestamps in `corrupt_at`), as ffmpeg does, unless strict=True, which raises MediaError on
-    the first one. Frames a decoder cannot produce (a stream starting mid-GOP) are not output; the
-    packets ahead of the first picture that gave none are counted in `lost_at_start` (strict=True
-    raises MediaError instead). A
-    size change mid-stream raises MediaError, and so does a video that ends before its header
-    says it does (truncated). Video streams other than the upscaled one are copied as they are.
+    the first one. Frames a decoder cannot produce (a stream starting mid-GOP) are not output;
+    the packets ahead of the first picture that gave none are counted in `lost_at_start`
+    (strict=True raises MediaError instead). A size change mid-stream raises MediaError, and so
+    does a video that ends before its header says it does (truncated). Video streams other than
+    the upscaled one are copied as they are.
 
     YUV->RGB uses the source's matrix and range (see VideoInfo for untagged sources). BT.2020
     (non-constant luminance) is converted with the BT.2020 matrix only, as swscale does: the RGB
