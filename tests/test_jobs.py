@@ -11,6 +11,7 @@ import pytest
 from clips import corrupt_clip, make_clip
 from vidscale.cli import main
 from vidscale.errors import EXIT_SOME_FAILED
+from vidscale.jobs import jobs_from_file, jobs_from_inputs
 
 FAST = ["-c:v", "libx264", "--preset", "ultrafast", "--progress", "none"]
 
@@ -70,6 +71,16 @@ def test_a_changed_input_is_not_skipped_and_its_old_output_is_kept_without_overw
     assert "5 frames" in err
 
 
+def test_a_refused_run_keeps_the_record_of_the_output_it_did_not_replace(tmp_path, batch, identity_x2):
+    source = make_clip(tmp_path / "ep1.mkv", frames=3)
+    args = [str(source), "--output-dir", str(tmp_path / "out"), "-m", str(identity_x2), *FAST]
+    assert batch(*args)[0] == 0
+    status, err = batch(*args, "--crf", "30")  # another setting, no --overwrite: refused
+    assert status == EXIT_SOME_FAILED and "already exists; pass --overwrite" in err
+    status, err = batch(*args)  # the nightly command as it was
+    assert status == 0 and "skipped" in err, err
+
+
 def test_job_file_with_defaults_per_job_settings_and_a_failing_job(tmp_path, batch, identity_x2):
     season = tmp_path / "season"
     season.mkdir()
@@ -122,6 +133,13 @@ options = {{}}  # ffv1 has no tune: a job inheriting it would fail
     ('segment_seconds = 0\n[[job]]\ninputs = "a.mkv"\n', "segment_seconds = 0 is not valid"),
     ('ray = "auto"\nray_storage = "nfs"\n[[job]]\ninputs = "a.mkv"\n', "ray_storage = 'nfs' is not valid"),
     ('ray_storage = "object-store"\n[[job]]\ninputs = "a.mkv"\n', "only count with --ray"),
+    ('[[job]]\ninputs = "a.mkv"\ndedup = 300\n', "dedup threshold 300 must be a number from 0 to 255"),
+    ('[[job]]\ninputs = "a.mkv"\ndedup = "often"\n', "dedup 'often' is not off, exact or a number"),
+    ('[[job]]\ninputs = "a.mkv"\ntemplate = "../{stem}.mkv"\n', "which is not a file inside the output"),
+    ('[[job]]\ninputs = "a.mkv"\ntemplate = "/srv/{stem}.mkv"\n', "which is not a file inside the output"),
+    ('[[job]]\ninputs = "a.mkv"\ntemplate = "{stem.real}.mkv"\n', "is not valid ({stem.real})"),
+    ('[[job]]\ninputs = "a.mkv"\ntemplate = "{stem:>99999999}.mkv"\n', "is not valid ({stem})"),
+    ('[[job]]\ninputs = "a.mkv"\n[[job]]\ninputs = "a.mkv"\ncrf = 30\n', "two jobs write"),
 ])
 def test_a_bad_job_file_is_refused_before_any_work(tmp_path, batch, content, message):
     jobs = tmp_path / "jobs.toml"
@@ -140,6 +158,41 @@ def test_two_inputs_for_one_output_are_refused(tmp_path, batch):
                         "--output-dir", str(tmp_path))
     assert status == 2
     assert "would both be written to" in err and "{parent}" in err
+
+
+def test_job_file_settings_take_what_the_command_line_takes(tmp_path):
+    (tmp_path / "cal.png").write_bytes(b"")
+    jobs = tmp_path / "jobs.toml"
+    jobs.write_text('output_dir = "out"\n[[job]]\ninputs = "a.mkv"\ndedup = "off"\ncalibration = "cal.png"\n'
+                    '[[job]]\ninputs = "b.mkv"\ndedup = "exact"\n[[job]]\ninputs = "c.mkv"\ndedup = 3\n')
+    off, exact, three = jobs_from_file(jobs, None, {}, None)
+    assert (off.settings.dedup, exact.settings.dedup, three.settings.dedup) == (None, 0.0, 3.0)
+    assert off.settings.calibration == tmp_path / "cal.png"  # relative to the job file, like inputs
+
+
+def test_parent_is_the_input_folder_even_for_a_bare_name(tmp_path, monkeypatch):
+    (tmp_path / "season1").mkdir()
+    monkeypatch.chdir(tmp_path / "season1")
+    [job] = jobs_from_inputs(["ep1.mkv"], tmp_path / "out", "{parent}/{stem}.x2.mkv", {}, None)
+    assert job.output == tmp_path / "out" / "season1" / "ep1.x2.mkv"
+
+
+def test_a_folder_or_glob_leaves_out_outputs_written_beside_the_inputs(tmp_path, batch, identity_x2):
+    make_clip(tmp_path / "ep1.mkv", frames=2)
+    args = ["--output-dir", str(tmp_path), "--template", "{stem}.x2.mkv", "-m", str(identity_x2), *FAST]
+    assert batch(str(tmp_path), *args)[0] == 0
+    for inputs in (str(tmp_path), str(tmp_path / "*.mkv")):
+        status, err = batch(inputs, *args)
+        assert status == 0 and "1 jobs: 0 done, 1 skipped" in err, err
+    assert sorted(p.name for p in tmp_path.glob("*.mkv")) == ["ep1.mkv", "ep1.x2.mkv"]
+
+
+def test_a_report_path_that_cannot_be_written_is_refused_before_any_job(tmp_path, batch):
+    source = make_clip(tmp_path / "ep1.mkv", frames=2)
+    status, err = batch(str(source), "--output-dir", str(tmp_path / "out"), "--report",
+                        str(tmp_path / "missing" / "report.json"))
+    assert status == 2 and "--report" in err and "cannot be written" in err and len(err.splitlines()) == 1
+    assert not (tmp_path / "out").exists()
 
 
 # --- signals ------------------------------------------------------------------------------------

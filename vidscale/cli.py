@@ -12,7 +12,8 @@ from pathlib import Path
 
 import numpy as np
 
-from .config import DEFAULT_DEDUP, DEFAULT_IMAGE_MODEL, DEFAULT_VIDEO_MODEL, RAY_STORAGES, UpscaleSettings
+from .config import (DEFAULT_DEDUP, DEFAULT_IMAGE_MODEL, DEFAULT_VIDEO_MODEL, RAY_STORAGES, UpscaleSettings,
+                     parse_dedup)
 from .errors import EXIT_SOME_FAILED, OutputClosedError, UsageError, VidscaleError
 from .progress import MODES, Both, EventLog, make_progress
 from .segments import DEFAULT_SEGMENT_SECONDS
@@ -40,17 +41,10 @@ def _tile(text: str) -> tuple[int, int] | None:
 
 
 def _dedup(text: str) -> float | None:
-    if text == "off":
-        return None
-    if text == "exact":
-        return 0.0
     try:
-        threshold = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"--dedup {text!r} is not off, exact or a number") from None
-    if not 0 <= threshold < 255:
-        raise argparse.ArgumentTypeError(f"--dedup threshold {text} must be from 0 to 255")
-    return threshold
+        return parse_dedup(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"--{exc}") from None
 
 
 def _positive(convert, option: str, what: str):
@@ -122,7 +116,7 @@ def _video_options(parser: argparse.ArgumentParser) -> None:
 
 # Batch options that are settings of each job, by argparse dest (-x is `encoder_option`).
 _BATCH_SETTINGS = {"model", "scale", "tile", "overlap", "precision", "device", "codec", "crf", "preset",
-                   "pix_fmt", "encoder_option", "format", "strict", "dedup", "tune"}
+                   "pix_fmt", "encoder_option", "format", "strict", "dedup", "tune", "calibration"}
 
 
 class _Parser(argparse.ArgumentParser):
@@ -297,6 +291,10 @@ def run_batch(args: argparse.Namespace, log: EventLog | None) -> int:
         values["options"] = dict(values.pop("encoder_option"))
     if args.ray is not None and Path(args.ray).exists():
         raise UsageError(f"--ray took {args.ray} for a cluster address; put a bare --ray after the inputs")
+    # Checked now: the report is written when the batch ends, perhaps hours later.
+    if args.report is not None and (args.report.is_dir() or not args.report.parent.is_dir()):
+        raise UsageError(f"--report {args.report} cannot be written (a directory, or in a folder that "
+                         f"does not exist); give a file path in an existing folder")
     in_file = RunOptions()
     if len(args.inputs) == 1 and args.inputs[0].endswith(".toml"):
         jobs = jobs_from_file(Path(args.inputs[0]), args.output_dir, values, args.cache_dir)

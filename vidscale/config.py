@@ -22,6 +22,21 @@ DEFAULT_MEMORY_BUDGET = 2 * 1024**3
 DEFAULT_DEDUP = 5.0
 
 
+def parse_dedup(value: str | float) -> float | None:
+    """A --dedup (or job file dedup) value: "off" (None), "exact" (0) or a threshold below 255."""
+    if value == "off":
+        return None
+    if value == "exact":
+        return 0.0
+    try:
+        threshold = float(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"dedup {value!r} is not off, exact or a number") from None
+    if isinstance(value, bool) or not 0 <= threshold < 255:
+        raise ValueError(f"dedup threshold {value!r} must be a number from 0 to 255")
+    return threshold
+
+
 @dataclass(frozen=True)
 class UpscaleSettings:
     model: str = DEFAULT_VIDEO_MODEL

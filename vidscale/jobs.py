@@ -31,13 +31,14 @@ import glob
 import hashlib
 import json
 import os
+import string
 import time
 import tomllib
 import typing
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from .config import RAY_STORAGES, UpscaleSettings
+from .config import RAY_STORAGES, UpscaleSettings, parse_dedup
 from .errors import EXIT_SOME_FAILED, UsageError, VidscaleError
 from .media import OUTPUT_FORMATS, EncoderSettings, check_readable
 from .pipeline import upscale_video
@@ -93,18 +94,22 @@ def build_settings(values: dict, where: str, cache_dir: Path | None) -> tuple[Up
         raise UsageError(f"{where}: unknown setting {', '.join(unknown)}; "
                          f"known: {', '.join(sorted(SETTING_KEYS))}")
     values = dict(values)
-    if "tile" in values:
-        try:
+    try:
+        if "tile" in values:
             values["tile"] = parse_tile(values["tile"])
-        except ValueError as exc:
-            raise UsageError(f"{where}: {exc}") from None
+        if "dedup" in values:
+            values["dedup"] = parse_dedup(values["dedup"])
+    except ValueError as exc:
+        raise UsageError(f"{where}: {exc}") from None
+    if isinstance(values.get("calibration"), str):
+        values["calibration"] = Path(values["calibration"])
     options = values.pop("options", {})
     if not isinstance(options, dict):
         raise UsageError(f"{where}: options must be a table of encoder options, e.g. {{ tune = \"film\" }}")
     strict = values.pop("strict", False)
     hints = typing.get_type_hints(UpscaleSettings) | typing.get_type_hints(EncoderSettings) | {"strict": bool}
     for key, value in [*values.items(), ("strict", strict)]:
-        if key != "tile" and not _fits(value, hints[key]):
+        if key not in ("tile", "dedup") and not _fits(value, hints[key]):
             raise UsageError(f"{where}: {key} = {value!r} is not a valid value; see `vidscale upscale --help`")
     engine = UpscaleSettings(cache_dir=cache_dir, **{k: v for k, v in values.items() if k in _ENGINE_KEYS})
     encoder = EncoderSettings(options=tuple((str(k), str(v)) for k, v in options.items()),
@@ -123,25 +128,41 @@ def _fits(value, hint) -> bool:
 
 
 def expand_inputs(pattern: str, base: Path) -> list[Path]:
-    """A file, a directory (its video files, not recursive) or a glob, relative to `base`."""
+    """A file, a directory (its video files, not recursive) or a glob, relative to `base`. A
+    directory or glob leaves out vidscale's own outputs (those with a sidecar): with outputs
+    written beside the inputs, each run would otherwise upscale the last one's outputs again."""
     path = base / Path(pattern).expanduser()
     if glob.has_magic(pattern):
         found = sorted(Path(p) for p in glob.glob(str(path), recursive=True))
         if not found:
             raise UsageError(f"{pattern} matches no file; check the pattern")
-        return [p for p in found if p.is_file()]
+        return [p for p in found if p.is_file() and not sidecar_path(p).exists()]
     if path.is_dir():
-        return sorted(p for p in path.iterdir() if p.is_file() and p.suffix.lower() in VIDEO_SUFFIXES)
+        return sorted(p for p in path.iterdir() if p.is_file() and p.suffix.lower() in VIDEO_SUFFIXES
+                      and not sidecar_path(p).exists())
     # A missing or unreadable file is this job's failure, reported with the others.
     return [path]
 
 
+_TEMPLATE_FIELDS = ("stem", "name", "parent")
+
+
 def output_for(source: Path, output_dir: Path, template: str) -> Path:
+    """Where `source`'s output goes: `template` filled in, inside `output_dir`."""
     try:
-        name = template.format(stem=source.stem, name=source.name, parent=source.parent.name)
-    except (KeyError, IndexError, ValueError) as exc:
-        raise UsageError(f"output template {template!r} is not valid ({exc}); "
-                         f"use the fields {{stem}}, {{name}} and {{parent}}") from None
+        fields = [(field, spec, conversion) for _, field, spec, conversion in string.Formatter().parse(template)
+                  if field is not None]
+    except ValueError as exc:
+        fields = [(str(exc), None, None)]
+    for field, spec, conversion in fields:
+        if field not in _TEMPLATE_FIELDS or spec or conversion:
+            raise UsageError(f"output template {template!r} is not valid ({{{field}}}); "
+                             f"use the fields {{stem}}, {{name}} and {{parent}} as they are")
+    # absolute(): the parent of a bare relative name ("ep1.mkv") is the current folder, not "".
+    name = Path(template.format(stem=source.stem, name=source.name, parent=source.absolute().parent.name))
+    if name.is_absolute() or ".." in name.parts or not name.name:
+        raise UsageError(f"output template {template!r} gives {name} for {source}, which is not a file "
+                         f"inside the output directory; write a relative path without ..")
     return output_dir / name
 
 
@@ -176,7 +197,10 @@ def jobs_from_file(path: Path, output_dir: Path | None, values: dict, cache_dir:
         if job_dir is None:
             raise UsageError(f"{where}: no output directory; set output_dir or pass --output-dir")
         template = entry.pop("template", document.get("template", DEFAULT_TEMPLATE))
-        settings, encoder, strict = build_settings({**defaults, **entry}, where, cache_dir)
+        values = {**defaults, **entry}
+        if isinstance(values.get("calibration"), str):  # a path in the file is relative to it
+            values["calibration"] = base / Path(values["calibration"]).expanduser()
+        settings, encoder, strict = build_settings(values, where, cache_dir)
         jobs += [Job(source, output_for(source, job_dir, template), settings, encoder, strict)
                  for pattern in inputs for source in expand_inputs(pattern, base)]
     return _checked(jobs)
@@ -227,12 +251,15 @@ def _read_job_file(path: Path) -> dict:
 def _checked(jobs: list[Job]) -> list[Job]:
     if not jobs:
         raise UsageError("the inputs name no video files; check the paths")
-    seen: dict[Path, Path] = {}
+    seen: dict[Path, Job] = {}
     for job in jobs:
-        other = seen.setdefault(job.output.absolute(), job.source)
-        if other != job.source:
-            raise UsageError(f"{job.source} and {other} would both be written to {job.output}; "
+        other = seen.setdefault(job.output.absolute(), job)
+        if other.source != job.source:
+            raise UsageError(f"{job.source} and {other.source} would both be written to {job.output}; "
                              f"use {{parent}} or another template")
+        if other != job:
+            raise UsageError(f"two jobs write {job.source} to {job.output} with different settings; "
+                             f"give them different templates or output directories")
     return jobs
 
 
@@ -386,11 +413,14 @@ def failed_result(job: Job, exc: Exception | str) -> JobResult:
     return JobResult(str(job.source), str(job.output), "failed", error=error)
 
 
-def prepare_output(job: Job) -> None:
+def prepare_output(job: Job, overwrite: bool) -> None:
     """Before a job runs: its output folder made (a template may put outputs in folders of their
-    own, {parent}/...), the sidecar vouching for an old output removed, the input checked."""
+    own, {parent}/...), the sidecar vouching for an old output it will replace removed, the input
+    checked. An old output that stays (no --overwrite: the run is refused) keeps its sidecar, so
+    the batch that made it still skips it."""
     job.output.parent.mkdir(parents=True, exist_ok=True)
-    sidecar_path(job.output).unlink(missing_ok=True)
+    if overwrite or not job.output.exists():
+        sidecar_path(job.output).unlink(missing_ok=True)
     check_readable(job.source)
 
 
@@ -399,7 +429,7 @@ def run_job(job: Job, overwrite: bool, segment_seconds: float, progress=None) ->
     JobResult, never an exception, so that Ray does not retry what retrying cannot fix; only
     KeyboardInterrupt goes through (the job's temporary output is gone, its segments kept)."""
     try:
-        prepare_output(job)  # the input checked before resume_for fingerprints it
+        prepare_output(job, overwrite)  # the input checked before resume_for fingerprints it
         result = upscale_video(job.source, job.output, job.settings, job.encoder, strict=job.strict,
                                overwrite=overwrite, progress=progress,
                                resume=resume_for(job, segment_seconds))
