@@ -1,6 +1,7 @@
 """Video side of vidscale.media: real PyAV decodes and encodes, a numpy stand-in for the model."""
 
 import os
+import subprocess
 import sys
 import threading
 from fractions import Fraction
@@ -270,6 +271,19 @@ def test_failed_run_leaves_no_output(tmp_path):
                 writer.write_frame(nearest(event.rgb, 2), event.pts)
                 raise RuntimeError("model failed")
     assert list(tmp_path.iterdir()) == [source]
+
+
+def test_a_temporary_output_left_by_a_killed_run_is_removed_by_the_next(tmp_path):
+    source = make_clip(tmp_path / "in.mkv", frames=1, audio=False)
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                          text=True, check=True).stdout.strip()
+    stale, running = tmp_path / f".out.mkv.{gone}.partial", tmp_path / f".out.mkv.{os.getppid()}.partial"
+    for leftover in (stale, running):
+        leftover.write_bytes(b"half an episode")
+    with VideoReader(source) as reader, VideoWriter(tmp_path / "out.mkv", reader, 128, 96, FAST) as writer:
+        for event in reader.events():
+            writer.write_frame(nearest(event.rgb, 2), event.pts)
+    assert not stale.exists() and running.exists()  # another run's, still going
 
 
 @pytest.mark.parametrize("output, contents, codec, message", [

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import errno
+import glob
 import heapq
 import itertools
 import os
@@ -172,7 +173,14 @@ def check_output(path: Path, inputs: list[Path], overwrite: bool) -> None:
 
 @contextmanager
 def atomic_output(path: Path):
-    """Yield a temporary path beside `path`; rename it into place only if the block succeeds."""
+    """Yield a temporary path beside `path`; rename it into place only if the block succeeds.
+
+    Temporary files of `path` left by processes of this machine that are gone (killed with
+    SIGKILL, or by a power cut) are removed first: an episode's is gigabytes."""
+    for stale in path.parent.glob(f".{glob.escape(path.name)}.*.partial"):
+        pid = stale.name[len(path.name) + 2 : -len(".partial")]
+        if pid.isdigit() and not _alive(int(pid)):
+            stale.unlink(missing_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.partial")
     try:
         yield tmp
@@ -180,6 +188,16 @@ def atomic_output(path: Path):
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # another user's
+    return True
 
 
 # ---------------------------------------------------------------------------------------------
