@@ -156,6 +156,12 @@ def test_resume_after_sigkill_keeps_complete_segments_and_gives_the_same_output(
     assert_same_output(target, whole)
 
 
+def test_fps_counts_only_the_frames_a_resumed_run_made():
+    result = pipeline.VideoResult(output="out.mkv", frames=100, seconds=10.0, corrupt_packets=0, retimed_frames=0,
+                                  reused_frames=0, resumed_frames=60)
+    assert result.fps == 4.0
+
+
 def test_a_changed_input_starts_its_segments_afresh(tmp_path, run):
     source = make_clip(tmp_path / "in.mkv", frames=12, codec="ffv1", audio=False)
     target = tmp_path / "out.mkv"

@@ -414,7 +414,7 @@ class _Driver:
         seconds = time.monotonic() - run.started
         self._finish(run.number, run.job, JobResult(
             str(run.job.source), str(run.job.output), "done", frames=frames, seconds=round(seconds, 3),
-            fps=round(frames / seconds, 3) if seconds > 0 else 0.0,
+            fps=round((frames - run.resumed_frames) / seconds, 3) if seconds > 0 else 0.0,
             corrupt_packets=sum(r.corrupt_packets for r in run.done.values()),
             lost_at_start=sum(r.lost_at_start for r in run.done.values()),
             retimed_frames=sum(r.retimed_frames for r in run.done.values()),

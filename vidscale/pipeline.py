@@ -210,7 +210,9 @@ class VideoResult:
 
     @property
     def fps(self) -> float:
-        return self.frames / self.seconds if self.seconds > 0 else 0.0
+        """Frames this run made per second (those resumed from an earlier run cost it nothing)."""
+        made = self.frames - self.resumed_frames
+        return made / self.seconds if self.seconds > 0 else 0.0
 
 
 class _Run:
