@@ -226,6 +226,24 @@ def test_frames_in_flight_stay_bounded(tmp_path, cache_dir, identity_x2, monkeyp
     assert 1 < peak[0] <= pipeline.MAX_FRAMES_IN_FLIGHT
 
 
+@pytest.mark.parametrize("change, message", [
+    ({"scale": "2"}, "scale = '2' is not a valid value"),
+    ({"dedup": "sometimes"}, "dedup 'sometimes' is not off, exact or a number"),
+    ({"speed": 3}, "unknown setting speed"),
+    ({"strict": "no"}, "strict and overwrite are True or False"),
+])
+def test_python_api_checks_its_settings_before_any_work(tmp_path, change, message):
+    with pytest.raises(vidscale.UsageError, match=message):
+        vidscale.upscale(tmp_path / "missing.mkv", tmp_path / "out.mkv", **change)
+
+
+def test_python_api_takes_settings_as_a_job_file_spells_them(tmp_path, cache_dir, identity_x2):
+    source = make_clip(tmp_path / "in.mkv", frames=3)
+    result = vidscale.upscale(source, tmp_path / "out.mkv", model=str(identity_x2), cache_dir=cache_dir,
+                              tile="40x64", dedup="off", codec="libx264", options={"preset": "ultrafast"})
+    assert result.frames == 3 and result.reused_frames == 0
+
+
 def test_python_api_refuses_to_overwrite_and_writes_with_overwrite(tmp_path, cache_dir, identity_x2):
     source = make_clip(tmp_path / "in.mkv", frames=4)
     target = tmp_path / "out.mkv"

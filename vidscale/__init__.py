@@ -30,8 +30,17 @@ def upscale(source: str | os.PathLike | object, destination: str | os.PathLike, 
 
     `source` is a path, "-" (stdin) or a readable binary file object; `destination` a path or "-".
     Keyword `changes` override fields of `settings` (model, scale, tile, precision, device, ...)
-    or, for codec/crf/preset/pix_fmt/format, of `encoder`.
+    or, for codec/crf/preset/pix_fmt/format/options, of `encoder`; they take what a job file
+    takes (tile=64, dedup="off", options={"tune": "film"}) and are checked as it is.
     """
-    encoder_fields = {k: changes.pop(k) for k in ("codec", "crf", "preset", "pix_fmt", "format") if k in changes}
+    from .jobs import ENCODER_KEYS, checked_values
+
+    if not isinstance(settings, UpscaleSettings) or not isinstance(encoder, EncoderSettings):
+        raise UsageError("upscale(): settings must be an UpscaleSettings and encoder an EncoderSettings")
+    if not isinstance(strict, bool) or not isinstance(overwrite, bool):
+        raise UsageError("upscale(): strict and overwrite are True or False")
+    cache_dir = {"cache_dir": changes.pop("cache_dir")} if "cache_dir" in changes else {}
+    changes = {**checked_values(changes, "upscale()"), **cache_dir}
+    encoder_fields = {k: changes.pop(k) for k in ENCODER_KEYS if k in changes}
     return upscale_video(source, destination, replace(settings, **changes), replace(encoder, **encoder_fields),
                          strict=strict, overwrite=overwrite, progress=progress)

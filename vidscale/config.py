@@ -22,9 +22,9 @@ DEFAULT_MEMORY_BUDGET = 2 * 1024**3
 DEFAULT_DEDUP = 5.0
 
 
-def parse_dedup(value: str | float) -> float | None:
+def parse_dedup(value: str | float | None) -> float | None:
     """A --dedup (or job file dedup) value: "off" (None), "exact" (0) or a threshold below 255."""
-    if value == "off":
+    if value is None or value == "off":
         return None
     if value == "exact":
         return 0.0

@@ -53,8 +53,8 @@ _FINGERPRINT_BYTES = 1 << 20
 _RUN_KEYS = ("segment_seconds", "ray", "ray_cpus", "ray_storage")
 
 _ENGINE_KEYS = {f.name for f in dataclasses.fields(UpscaleSettings)} - {"cache_dir"}
-_ENCODER_KEYS = {"codec", "crf", "preset", "pix_fmt", "format", "options"}
-SETTING_KEYS = _ENGINE_KEYS | _ENCODER_KEYS | {"strict"}
+ENCODER_KEYS = {"codec", "crf", "preset", "pix_fmt", "format", "options"}
+SETTING_KEYS = _ENGINE_KEYS | ENCODER_KEYS | {"strict"}
 """Keys a job file's [defaults] or a job may set; the CLI's batch options use the same names."""
 
 
@@ -89,6 +89,17 @@ class JobResult:
 
 def build_settings(values: dict, where: str, cache_dir: Path | None) -> tuple[UpscaleSettings, EncoderSettings, bool]:
     """Frozen settings from job-file style keys (see SETTING_KEYS); `where` names the source in errors."""
+    values = checked_values(values, where)
+    strict = values.pop("strict", False)
+    engine = UpscaleSettings(cache_dir=cache_dir, **{k: v for k, v in values.items() if k in _ENGINE_KEYS})
+    encoder = EncoderSettings(**{k: v for k, v in values.items() if k in ENCODER_KEYS})
+    return engine, encoder, strict
+
+
+def checked_values(values: dict, where: str) -> dict:
+    """Settings (SETTING_KEYS) as a job file, the command line or the Python API gives them, parsed
+    (tile and dedup as the command line spells them, options as a table) and checked against the
+    settings' types; UsageError names what is wrong and where."""
     unknown = sorted(set(values) - SETTING_KEYS)
     if unknown:
         raise UsageError(f"{where}: unknown setting {', '.join(unknown)}; "
@@ -103,18 +114,15 @@ def build_settings(values: dict, where: str, cache_dir: Path | None) -> tuple[Up
         raise UsageError(f"{where}: {exc}") from None
     if isinstance(values.get("calibration"), str):
         values["calibration"] = Path(values["calibration"])
-    options = values.pop("options", {})
-    if not isinstance(options, dict):
-        raise UsageError(f"{where}: options must be a table of encoder options, e.g. {{ tune = \"film\" }}")
-    strict = values.pop("strict", False)
+    if "options" in values:
+        if not isinstance(values["options"], dict):
+            raise UsageError(f"{where}: options must be a table of encoder options, e.g. {{ tune = \"film\" }}")
+        values["options"] = tuple((str(k), str(v)) for k, v in values["options"].items())
     hints = typing.get_type_hints(UpscaleSettings) | typing.get_type_hints(EncoderSettings) | {"strict": bool}
-    for key, value in [*values.items(), ("strict", strict)]:
-        if key not in ("tile", "dedup") and not _fits(value, hints[key]):
+    for key, value in values.items():
+        if key not in ("tile", "dedup", "options") and not _fits(value, hints[key]):
             raise UsageError(f"{where}: {key} = {value!r} is not a valid value; see `vidscale upscale --help`")
-    engine = UpscaleSettings(cache_dir=cache_dir, **{k: v for k, v in values.items() if k in _ENGINE_KEYS})
-    encoder = EncoderSettings(options=tuple((str(k), str(v)) for k, v in options.items()),
-                              **{k: v for k, v in values.items() if k in _ENCODER_KEYS})
-    return engine, encoder, strict
+    return values
 
 
 def _fits(value, hint) -> bool:
