@@ -1,6 +1,7 @@
 """`vidscale batch` as a nightly timer runs it: job files, skip-when-done, reports, exit statuses."""
 
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -158,6 +159,30 @@ def test_two_inputs_for_one_output_are_refused(tmp_path, batch):
                         "--output-dir", str(tmp_path))
     assert status == 2
     assert "would both be written to" in err and "{parent}" in err
+
+
+@pytest.mark.parametrize("segment_seconds", ["60", "0.1"])
+def test_the_record_is_written_before_the_output_appears(tmp_path, batch, identity_x2, monkeypatch,
+                                                        segment_seconds):
+    # A stop between the two must not leave an output without its record: the batch would
+    # refuse to replace it, night after night.
+    source = make_clip(tmp_path / "ep1.mkv", frames=12, gop=3)
+    output = tmp_path / "out" / "ep1.upscaled.mkv"
+    record_there = []
+    rename = os.replace
+
+    def replace(src, dst):
+        if Path(dst) == output:
+            record_there.append(Path(f"{output}.vidscale.json").is_file())
+        rename(src, dst)
+
+    monkeypatch.setattr(os, "replace", replace)
+    status, err = batch(str(source), "--output-dir", str(tmp_path / "out"), "-m", str(identity_x2), *FAST,
+                        "--segment-seconds", segment_seconds)
+    assert status == 0, err
+    assert record_there == [True]
+    assert batch(str(source), "--output-dir", str(tmp_path / "out"), "-m", str(identity_x2), *FAST,
+                 "--segment-seconds", segment_seconds)[1].count("skipped") == 2  # the job line and the summary
 
 
 def test_job_file_settings_take_what_the_command_line_takes(tmp_path):

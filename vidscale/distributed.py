@@ -40,7 +40,7 @@ import numpy as np
 from .errors import UsageError
 from .config import RAY_STORAGES
 from .jobs import (BatchInterrupted, BatchReport, Job, JobResult, failed_result, failure_message,
-                   interrupted_result, is_done, prepare_output, resume_for, write_sidecar)
+                   interrupted_result, is_done, prepare_output, resume_for, sidecar_writer)
 from .media import VideoReader, atomic_output, check_output, join_segments
 from .pipeline import FrameUpscaler, SegmentResult, calibration_frames, upscale_segment
 from .segments import DEFAULT_SEGMENT_SECONDS, WorkDir, segment_starts
@@ -408,8 +408,8 @@ class _Driver:
                 return
         frames = sum(records[i].frames for i in indices)
         with VideoReader(run.remote.source, strict=run.remote.strict) as reader:
-            join_segments(run.remote.output, reader, run.remote.encoder, run.work.encoded(indices), frames)
-        write_sidecar(run.remote, frames)
+            join_segments(run.remote.output, reader, run.remote.encoder, run.work.encoded(indices), frames,
+                          sidecar_writer(run.remote))
         run.work.remove()
         seconds = time.monotonic() - run.started
         self._finish(run.number, run.job, JobResult(

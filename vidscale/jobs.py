@@ -318,10 +318,18 @@ def is_done(job: Job) -> bool:
         return False
 
 
-def write_sidecar(job: Job, frames: int) -> None:
-    state = {"input": fingerprint(job.source), "settings": settings_digest(job), "frames": frames,
-             "output_size": job.output.stat().st_size, "source": str(job.source)}
-    _write_atomically(sidecar_path(job.output), json.dumps(state, indent=2) + "\n")
+def sidecar_writer(job: Job):
+    """The on_commit (see VideoWriter) that writes `job`'s sidecar for its finished output file
+    before the file is renamed into place: a stop between the two then leaves a record without
+    its output (the job runs again), never an output without its record (refused for good
+    without --overwrite)."""
+
+    def write(finished: Path, frames: int) -> None:
+        state = {"input": fingerprint(job.source), "settings": settings_digest(job), "frames": frames,
+                 "output_size": finished.stat().st_size, "source": str(job.source)}
+        _write_atomically(sidecar_path(job.output), json.dumps(state, indent=2) + "\n")
+
+    return write
 
 
 def _write_atomically(path: Path, text: str) -> None:
@@ -440,8 +448,7 @@ def run_job(job: Job, overwrite: bool, segment_seconds: float, progress=None) ->
         prepare_output(job, overwrite)  # the input checked before resume_for fingerprints it
         result = upscale_video(job.source, job.output, job.settings, job.encoder, strict=job.strict,
                                overwrite=overwrite, progress=progress,
-                               resume=resume_for(job, segment_seconds))
-        write_sidecar(job, result.frames)
+                               resume=resume_for(job, segment_seconds), on_commit=sidecar_writer(job))
     except Exception as exc:  # noqa: BLE001 - one broken job must not stop a night's batch
         return failed_result(job, exc)
     return JobResult(str(job.source), str(job.output), "done", frames=result.frames,

@@ -8,6 +8,7 @@ import heapq
 import itertools
 import os
 import sys
+from collections.abc import Callable
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from fractions import Fraction
@@ -172,8 +173,9 @@ def check_output(path: Path, inputs: list[Path], overwrite: bool) -> None:
 
 
 @contextmanager
-def atomic_output(path: Path):
-    """Yield a temporary path beside `path`; rename it into place only if the block succeeds.
+def atomic_output(path: Path, before_rename: Callable[[Path], None] | None = None):
+    """Yield a temporary path beside `path`; rename it into place only if the block succeeds
+    (and `before_rename`, given the finished temporary file, then does too).
 
     Temporary files of `path` left by processes of this machine that are gone (killed with
     SIGKILL, or by a power cut) are removed first: an episode's is gigabytes."""
@@ -184,6 +186,8 @@ def atomic_output(path: Path):
     tmp = path.with_name(f".{path.name}.{os.getpid()}.partial")
     try:
         yield tmp
+        if before_rename is not None:
+            before_rename(tmp)
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
@@ -755,11 +759,14 @@ class VideoWriter:
     join_segments. `after` is the previous segment's last (source pts, written pts), so
     timestamps continue as they would in one run. `video_template` (join_segments): the video
     is not encoded but copied with write_encoded, its stream made from this segment's stream.
+    `on_commit(file, frames)` runs when a file output is complete, just before it is renamed into
+    place: what vouches for the output (a batch's sidecar) is then never missing beside it.
     """
 
     def __init__(self, destination, reader: VideoReader, width: int, height: int,
                  encoder: EncoderSettings = EncoderSettings(), *, segment: bool = False,
-                 after: tuple[int, int] | None = None, video_template=None):
+                 after: tuple[int, int] | None = None, video_template=None,
+                 on_commit: Callable[[Path, int], None] | None = None):
         self.reader = reader
         self.width, self.height = width, height
         self.frames_written = 0
@@ -771,6 +778,7 @@ class VideoWriter:
         self.label = "stdout" if destination == "-" else str(destination)
         self._stack = ExitStack()
         self._closed = False
+        self._on_commit = on_commit
         try:
             self._open(destination, encoder)
         except BaseException as exc:
@@ -802,7 +810,8 @@ class VideoWriter:
                 if fmt is None:
                     raise UsageError(f"cannot tell which container to write for {path}; "
                                      f"use one of {', '.join(OUTPUT_FORMATS)}")
-            target = str(self._stack.enter_context(atomic_output(path)))
+            commit = None if self._on_commit is None else lambda tmp: self._on_commit(tmp, self.frames_written)
+            target = str(self._stack.enter_context(atomic_output(path, commit)))
         codec = _encoder(settings.codec)
         try:
             self.container = self._stack.enter_context(
@@ -1082,7 +1091,8 @@ class EncodedSegment:
 
 
 def join_segments(destination: Path, reader: VideoReader, encoder: EncoderSettings,
-                  segments: list[EncodedSegment], frames: int) -> None:
+                  segments: list[EncodedSegment], frames: int,
+                  on_commit: Callable[[Path, int], None] | None = None) -> None:
     """Write `destination` from the video packets of `segments`, in order and without
     re-encoding, and every other stream of `reader`'s input copied as a VideoWriter copies them,
     merged by time so the muxer's interleaving buffer stays small. The output is renamed into
@@ -1118,7 +1128,7 @@ def join_segments(destination: Path, reader: VideoReader, encoder: EncoderSettin
     with _open_segment(segments[0].path) as first:
         template = first.streams.video[0]
         writer = VideoWriter(destination, reader, template.width, template.height, encoder,
-                             video_template=template)
+                             video_template=template, on_commit=on_commit)
     with writer:
         for _, _, upscaled, packet in heapq.merge(video(), others(), key=lambda item: item[:2]):
             if upscaled:

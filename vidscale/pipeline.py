@@ -6,6 +6,7 @@ import os
 import queue
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -327,7 +328,8 @@ def _store_pending(target: tuple[_PendingFrame, int], output: np.ndarray) -> Non
 
 def upscale_video(source, destination, settings: UpscaleSettings = UpscaleSettings(),
                   encoder: EncoderSettings = EncoderSettings(), *, strict: bool = False,
-                  overwrite: bool = False, progress=None, resume: Resume | None = None) -> VideoResult:
+                  overwrite: bool = False, progress=None, resume: Resume | None = None,
+                  on_commit: Callable[[Path, int], None] | None = None) -> VideoResult:
     """Upscale the first video stream of `source` into `destination`, copying every other stream.
 
     source/destination: paths, or "-" for stdin/stdout. Threads: a decoder feeding a bounded
@@ -338,6 +340,7 @@ def upscale_video(source, destination, settings: UpscaleSettings = UpscaleSettin
 
     With `resume`, a file input longer than one segment is upscaled in segments kept beside the
     output (see segments.py): a run stopped in any way continues where it stopped when run again.
+    `on_commit`: see VideoWriter.
     """
     from .progress import Progress
 
@@ -361,8 +364,8 @@ def upscale_video(source, destination, settings: UpscaleSettings = UpscaleSettin
         out_h, out_w = plan.out_shape
         if resume is not None and _longer_than(reader, resume.segment_seconds):
             return _upscale_in_segments(reader, source, Path(destination), encoder, (out_w, out_h), plan,
-                                        model, progress, settings.dedup, resume, started, strict)
-        with VideoWriter(destination, reader, out_w, out_h, encoder) as writer:
+                                        model, progress, settings.dedup, resume, started, strict, on_commit)
+        with VideoWriter(destination, reader, out_w, out_h, encoder, on_commit=on_commit) as writer:
             progress.start(reader.expected_frames, reader.label)
             ready = time.monotonic()
             try:
@@ -474,7 +477,8 @@ def _longer_than(reader: VideoReader, seconds: float) -> bool:
 
 def _upscale_in_segments(reader: VideoReader, source, destination: Path, encoder: EncoderSettings,
                          size: tuple[int, int], plan: TilePlan, model: Upscaler, progress,
-                         dedup: float | None, resume: Resume, started: float, strict: bool) -> VideoResult:
+                         dedup: float | None, resume: Resume, started: float, strict: bool,
+                         on_commit: Callable[[Path, int], None] | None) -> VideoResult:
     """upscale_video in segments: those complete from an earlier run are kept, the others are
     upscaled, then all are joined into `destination` and the work directory is removed."""
     out_w, out_h = size
@@ -499,7 +503,7 @@ def _upscale_in_segments(reader: VideoReader, source, destination: Path, encoder
         frames = sink.frames_written
         # A reader of its own: the other streams are copied from the start of the file.
         with VideoReader(source, strict=strict) as again:
-            join_segments(destination, again, encoder, work.encoded(sink.indices), frames)
+            join_segments(destination, again, encoder, work.encoded(sink.indices), frames, on_commit)
     work.remove()
     return VideoResult(output=str(destination), frames=frames, seconds=time.monotonic() - started,
                        corrupt_packets=reader.corrupt_packets, retimed_frames=sink.retimed_frames,
