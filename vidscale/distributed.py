@@ -323,7 +323,7 @@ class _Driver:
         (an unreadable one fails here, as it does locally), its segments planned, the work
         directory taken, INT8 calibration frames read."""
         started = time.monotonic()
-        prepare_output(remote, self.overwrite)
+        prepare_output(remote)
         check_output(remote.output, [remote.source], self.overwrite)
         with VideoReader(remote.source, strict=remote.strict) as reader:
             time_base = reader.info.time_base

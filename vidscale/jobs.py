@@ -161,7 +161,8 @@ def output_for(source: Path, output_dir: Path, template: str) -> Path:
         fields = [(field, spec, conversion) for _, field, spec, conversion in string.Formatter().parse(template)
                   if field is not None]
     except ValueError as exc:
-        fields = [(str(exc), None, None)]
+        raise UsageError(f"output template {template!r} is not valid ({exc}); "
+                         f"use the fields {{stem}}, {{name}} and {{parent}}") from None
     for field, spec, conversion in fields:
         if field not in _TEMPLATE_FIELDS or spec or conversion:
             raise UsageError(f"output template {template!r} is not valid ({{{field}}}); "
@@ -429,14 +430,12 @@ def failed_result(job: Job, exc: Exception | str) -> JobResult:
     return JobResult(str(job.source), str(job.output), "failed", error=error)
 
 
-def prepare_output(job: Job, overwrite: bool) -> None:
+def prepare_output(job: Job) -> None:
     """Before a job runs: its output folder made (a template may put outputs in folders of their
-    own, {parent}/...), the sidecar vouching for an old output it will replace removed, the input
-    checked. An old output that stays (no --overwrite: the run is refused) keeps its sidecar, so
-    the batch that made it still skips it."""
+    own, {parent}/...), the input checked. An old output's sidecar stays: it is replaced just
+    before a new output replaces the old one (sidecar_writer), and until then it is true of the
+    old output, which a refused or failed run leaves as it was."""
     job.output.parent.mkdir(parents=True, exist_ok=True)
-    if overwrite or not job.output.exists():
-        sidecar_path(job.output).unlink(missing_ok=True)
     check_readable(job.source)
 
 
@@ -445,7 +444,7 @@ def run_job(job: Job, overwrite: bool, segment_seconds: float, progress=None) ->
     JobResult, never an exception, so that Ray does not retry what retrying cannot fix; only
     KeyboardInterrupt goes through (the job's temporary output is gone, its segments kept)."""
     try:
-        prepare_output(job, overwrite)  # the input checked before resume_for fingerprints it
+        prepare_output(job)  # the input checked before resume_for fingerprints it
         result = upscale_video(job.source, job.output, job.settings, job.encoder, strict=job.strict,
                                overwrite=overwrite, progress=progress,
                                resume=resume_for(job, segment_seconds), on_commit=sidecar_writer(job))
