@@ -49,6 +49,9 @@ def assert_same_output(segmented, whole, lossless=True):
         assert [(s.name, s.mimetype, s.data) for s in a.streams.attachments] == [
             (s.name, s.mimetype, s.data) for s in b.streams.attachments]
         assert a.streams.video[0].sample_aspect_ratio == b.streams.video[0].sample_aspect_ratio
+    with av.open(str(segmented)) as a, av.open(str(whole)) as b:
+        # Durations too: the last frame's is how long it shows, and sets the file's duration.
+        assert [p.duration for p in a.demux(video=0) if p.size] == [p.duration for p in b.demux(video=0) if p.size]
     for x, y in zip(frames(segmented), frames(whole), strict=True):
         assert x.pts == y.pts
         # A lossy encoder that starts afresh at a segment codes the same pictures a little differently.

@@ -669,6 +669,12 @@ class VideoReader:
         return VideoFrame(index, frame.pts, rgb.to_ndarray())
 
 
+def _frame_rate(info: VideoInfo) -> Fraction | None:
+    """The source's frame rate where it is plausible: Matroska often reports an average rate of
+    1000 (its time base)."""
+    return next((r for r in (info.average_rate, info.guessed_rate) if r and r <= 240), None)
+
+
 def _packet_time(packet: av.Packet) -> int | None:
     return packet.pts if packet.pts is not None else packet.dts
 
@@ -860,11 +866,10 @@ class VideoWriter:
         ctx = stream.codec_context
         stream.width, stream.height, stream.pix_fmt = self.width, self.height, pix_fmt
         stream.time_base = ctx.time_base = info.time_base
-        rate = next((r for r in (info.average_rate, info.guessed_rate) if r and r <= 240), None)
+        rate = _frame_rate(info)
         if rate:
             # Rate control of several encoders (SVT-AV1, VP9) reads the frame rate; the
-            # timestamps themselves stay the source's, so VFR stays VFR. Matroska often
-            # reports an average rate of 1000 (its time base), hence the plausibility check.
+            # timestamps themselves stay the source's, so VFR stays VFR.
             ctx.framerate = rate
         if info.sample_aspect_ratio:
             ctx.sample_aspect_ratio = info.sample_aspect_ratio
@@ -932,6 +937,11 @@ class VideoWriter:
         # Packets copied into a stream whose encoder was opened come out mangled, hence a template.
         stream = self.container.add_stream_from_template(self._template)
         stream.time_base = self.reader.info.time_base
+        rate = _frame_rate(self.reader.info)
+        if rate:
+            # As the encoder's stream has it: muxers derive frame durations from it (Matroska's
+            # default duration, the last MP4 sample's), which the segments' packets do not carry.
+            stream.codec_context.framerate = rate
         stream.metadata.clear()  # the segment's own tags (encoder, statistics) are not the source's
         if self.reader.info.rotation:
             stream.set_display_rotation(self.reader.info.rotation)
