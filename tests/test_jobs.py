@@ -195,6 +195,14 @@ def test_job_file_settings_take_what_the_command_line_takes(tmp_path):
     assert off.settings.calibration == tmp_path / "cal.png"  # relative to the job file, like inputs
 
 
+def test_the_command_line_template_replaces_the_job_file_s_own(tmp_path):
+    jobs = tmp_path / "jobs.toml"
+    jobs.write_text('output_dir = "out"\ntemplate = "{stem}.file.mkv"\n[[job]]\ninputs = "a.mkv"\n'
+                    '[[job]]\ninputs = "b.mkv"\ntemplate = "{stem}.job.mkv"\n')
+    a, b = jobs_from_file(jobs, None, {}, None, "{stem}.cli.mkv")
+    assert (a.output.name, b.output.name) == ("a.cli.mkv", "b.job.mkv")  # as --output-dir and output_dir
+
+
 def test_parent_is_the_input_folder_even_for_a_bare_name(tmp_path, monkeypatch):
     (tmp_path / "season1").mkdir()
     monkeypatch.chdir(tmp_path / "season1")

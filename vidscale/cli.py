@@ -297,7 +297,7 @@ def run_batch(args: argparse.Namespace, log: EventLog | None) -> int:
                          f"does not exist); give a file path in an existing folder")
     in_file = RunOptions()
     if len(args.inputs) == 1 and args.inputs[0].endswith(".toml"):
-        jobs = jobs_from_file(Path(args.inputs[0]), args.output_dir, values, args.cache_dir)
+        jobs = jobs_from_file(Path(args.inputs[0]), args.output_dir, values, args.cache_dir, args.template)
         in_file = run_options(Path(args.inputs[0]))
     else:
         if args.output_dir is None:

@@ -184,8 +184,10 @@ def jobs_from_inputs(inputs: list[str], output_dir: Path, template: str | None, 
     return _checked(jobs)
 
 
-def jobs_from_file(path: Path, output_dir: Path | None, values: dict, cache_dir: Path | None) -> list[Job]:
-    """Jobs of a TOML job file; `values` (the command line's settings) replace its [defaults]."""
+def jobs_from_file(path: Path, output_dir: Path | None, values: dict, cache_dir: Path | None,
+                   template: str | None = None) -> list[Job]:
+    """Jobs of a TOML job file; `values` (the command line's settings) replace its [defaults],
+    `output_dir` and `template` (the command line's) its top-level ones; a job's own still win."""
     document = _read_job_file(path)
     base = path.parent
     defaults = {**document.get("defaults", {}), **values}
@@ -205,12 +207,12 @@ def jobs_from_file(path: Path, output_dir: Path | None, values: dict, cache_dir:
         job_dir = base / entry.pop("output_dir") if "output_dir" in entry else top_dir
         if job_dir is None:
             raise UsageError(f"{where}: no output directory; set output_dir or pass --output-dir")
-        template = entry.pop("template", document.get("template", DEFAULT_TEMPLATE))
+        job_template = entry.pop("template", template or document.get("template", DEFAULT_TEMPLATE))
         values = {**defaults, **entry}
         if isinstance(values.get("calibration"), str):  # a path in the file is relative to it
             values["calibration"] = base / Path(values["calibration"]).expanduser()
         settings, encoder, strict = build_settings(values, where, cache_dir)
-        jobs += [Job(source, output_for(source, job_dir, template), settings, encoder, strict)
+        jobs += [Job(source, output_for(source, job_dir, job_template), settings, encoder, strict)
                  for pattern in inputs for source in expand_inputs(pattern, base)]
     return _checked(jobs)
 
