@@ -177,8 +177,9 @@ def atomic_output(path: Path, before_rename: Callable[[Path], None] | None = Non
     """Yield a temporary path beside `path`; rename it into place only if the block succeeds
     (and `before_rename`, given the finished temporary file, then does too).
 
-    Temporary files of `path` left by processes of this machine that are gone (killed with
-    SIGKILL, or by a power cut) are removed first: an episode's is gigabytes."""
+    Temporary files of `path` whose process no longer runs on this machine (killed with SIGKILL,
+    or by a power cut) are removed first: an episode's is gigabytes. A live writer of the same
+    path elsewhere would collide with this one anyway."""
     for stale in path.parent.glob(f".{glob.escape(path.name)}.*.partial"):
         pid = stale.name[len(path.name) + 2 : -len(".partial")]
         if pid.isdigit() and not _alive(int(pid)):
