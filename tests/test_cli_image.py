@@ -3,6 +3,7 @@
 import subprocess
 import sys
 
+import av
 import numpy as np
 import pytest
 
@@ -52,6 +53,16 @@ def test_a_cmyk_jpeg_is_a_picture_without_alpha(tmp_path, run, identity_model):
     assert run("image", str(tmp_path / "cmyk.jpg"), "-o", str(tmp_path / "out.jpg"), "-m", str(identity_model))[0] == 0
 
 
+def test_pictures_other_than_png_and_jpeg_are_read(tmp_path, run, identity_model):
+    pixels = np.random.default_rng(9).integers(0, 256, (6, 8, 3), dtype=np.uint8)
+    with av.open(str(tmp_path / "in.bmp"), "w", format="image2") as out:
+        stream = out.add_stream("bmp")
+        stream.width, stream.height, stream.pix_fmt = 8, 6, "bgr24"
+        out.mux(stream.encode(av.VideoFrame.from_ndarray(pixels, format="rgb24").reformat(format="bgr24")))
+    assert run("image", str(tmp_path / "in.bmp"), "-o", str(tmp_path / "out.png"), "-m", str(identity_model))[0] == 0
+    assert np.array_equal(read_image(tmp_path / "out.png").pixels, nearest(pixels, 4))
+
+
 def test_a_16_bit_png_keeps_16_bits(tmp_path, run, identity_model):
     pixels = np.random.default_rng(6).integers(0, 65536, (9, 10, 3), dtype=np.uint16)
     write_image(Image(pixels), tmp_path / "deep.png")
@@ -95,7 +106,7 @@ def test_jpeg_output_and_its_limits(tmp_path, run, identity_model):
     ("directory", 5, "is a directory"),
     ("empty", 5, "is empty"),
     ("garbage", 5, "is not a readable image"),
-    ("video", 5, "is h264 in matroska, not a PNG or JPEG picture; give one (vidscale upscale takes video)"),
+    ("video", 5, "is h264 in matroska, not a picture; give a PNG or JPEG image (vidscale upscale takes video)"),
     ("exists", 2, "already exists; pass --overwrite"),
     ("same", 2, "is the input file"),
     ("model", 3, "unknown model 'no-such-model'; known models: RealESRGAN_x4plus_anime_6B"),

@@ -239,7 +239,7 @@ def test_python_api_checks_its_settings_before_any_work(tmp_path, change, messag
 
 def test_python_api_takes_settings_as_a_job_file_spells_them(tmp_path, cache_dir, identity_x2):
     source = make_clip(tmp_path / "in.mkv", frames=3)
-    result = vidscale.upscale(source, tmp_path / "out.mkv", model=str(identity_x2), cache_dir=cache_dir,
+    result = vidscale.upscale(source, tmp_path / "out.mkv", model=identity_x2, cache_dir=str(cache_dir),
                               tile="40x64", dedup="off", codec="libx264", options={"preset": "ultrafast"})
     assert result.frames == 3 and result.reused_frames == 0
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import replace
+from pathlib import Path
 
 from .config import UpscaleSettings
 from .errors import EngineError, MediaError, ModelError, OutputClosedError, UsageError, VidscaleError
@@ -39,8 +40,12 @@ def upscale(source: str | os.PathLike | object, destination: str | os.PathLike, 
         raise UsageError("upscale(): settings must be an UpscaleSettings and encoder an EncoderSettings")
     if not isinstance(strict, bool) or not isinstance(overwrite, bool):
         raise UsageError("upscale(): strict and overwrite are True or False")
-    cache_dir = {"cache_dir": changes.pop("cache_dir")} if "cache_dir" in changes else {}
-    changes = {**checked_values(changes, "upscale()"), **cache_dir}
+    cache_dir = changes.pop("cache_dir", None)
+    if cache_dir is not None and not isinstance(cache_dir, (str, os.PathLike)):
+        raise UsageError(f"upscale(): cache_dir = {cache_dir!r} is not a path")
+    changes = checked_values(changes, "upscale()")
+    if cache_dir is not None:
+        changes["cache_dir"] = Path(cache_dir)
     encoder_fields = {k: changes.pop(k) for k in ENCODER_KEYS if k in changes}
     return upscale_video(source, destination, replace(settings, **changes), replace(encoder, **encoder_fields),
                          strict=strict, overwrite=overwrite, progress=progress)

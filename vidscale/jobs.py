@@ -114,6 +114,8 @@ def checked_values(values: dict, where: str) -> dict:
         raise UsageError(f"{where}: {exc}") from None
     if isinstance(values.get("calibration"), str):
         values["calibration"] = Path(values["calibration"])
+    if isinstance(values.get("model"), os.PathLike):
+        values["model"] = os.fspath(values["model"])
     if "options" in values:
         if not isinstance(values["options"], dict):
             raise UsageError(f"{where}: options must be a table of encoder options, e.g. {{ tune = \"film\" }}")
@@ -144,7 +146,8 @@ def expand_inputs(pattern: str, base: Path) -> list[Path]:
         found = sorted(Path(p) for p in glob.glob(str(path), recursive=True))
         if not found:
             raise UsageError(f"{pattern} matches no file; check the pattern")
-        return [p for p in found if p.is_file() and not sidecar_path(p).exists()]
+        return [p for p in found if p.is_file() and not sidecar_path(p).exists()
+                and not p.name.endswith(SIDECAR_SUFFIX)]
     if path.is_dir():
         return sorted(p for p in path.iterdir() if p.is_file() and p.suffix.lower() in VIDEO_SUFFIXES
                       and not sidecar_path(p).exists())

@@ -59,9 +59,10 @@ def read_image(path: Path) -> Image:
             if not container.streams.video:
                 raise MediaError(f"{path} holds no picture; give a PNG or JPEG image")
             codec = container.streams.video[0].codec_context.name
-            if codec not in ("png", "mjpeg") or container.format.name not in ("png_pipe", "jpeg_pipe", "image2"):
-                raise MediaError(f"{path} is {codec} in {container.format.name.split(',')[0]}, not a PNG or "
-                                 f"JPEG picture; give one (vidscale upscale takes video)")
+            # Pictures come through FFmpeg's image demuxers (png_pipe, webp_pipe, image2, ...).
+            if not (container.format.name.endswith("_pipe") or container.format.name in ("image2", "gif")):
+                raise MediaError(f"{path} is {codec} in {container.format.name.split(',')[0]}, not a picture; "
+                                 f"give a PNG or JPEG image (vidscale upscale takes video)")
             frame = next(container.decode(video=0), None)
     except av.FFmpegError as exc:
         raise MediaError(f"{path} is not a readable image ({exc.strerror or exc}); "
@@ -900,10 +901,10 @@ class VideoWriter:
         self._to_yuv = dict(format=pix_fmt, dst_colorspace=_SWS_MATRIX[matrix],
                             dst_color_range=_SWS_RANGE[colour_range], interpolation=_SWS_FLAGS)
         self._reformatter = VideoReformatter()
-        self._open_encoder(ctx, codec, pix_fmt, settings.options)
+        self._open_encoder(ctx, codec, pix_fmt)
         return self._tag_video(stream, source)
 
-    def _open_encoder(self, ctx, codec: av.Codec, pix_fmt: str, extra: tuple[tuple[str, str], ...]) -> None:
+    def _open_encoder(self, ctx, codec: av.Codec, pix_fmt: str) -> None:
         """Open the encoder now rather than at the first frame, so that settings it refuses fail
         before any work is done, with a message about the settings rather than the disk."""
         try:
@@ -917,13 +918,6 @@ class VideoWriter:
                                  f"--pix-fmt yuv444p, or a scale that makes both sides even") from exc
             raise UsageError(f"encoder {codec.name} refused its settings ({exc.strerror}); check "
                              f"--preset, --crf, -x and --pix-fmt") from exc
-        # PyAV leaves the options the encoder did not take: a typo in -x would do nothing. (--crf
-        # and --preset are left alone: a batch's defaults may set them for jobs whose encoder,
-        # such as FFV1, has neither, and a job cannot unset them.)
-        unused = sorted(set(ctx.options) & {key for key, _ in extra})
-        if unused:
-            raise UsageError(f"encoder {codec.name} has no option {', '.join(unused)}; "
-                             f"check -x (ffmpeg -h encoder={codec.name} lists them)")
 
     def _tag_video(self, stream, source):
         stream.metadata.update({k: v for k, v in source.metadata.items()
