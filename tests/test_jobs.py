@@ -160,6 +160,18 @@ def test_two_inputs_for_one_output_are_refused(tmp_path, batch):
     assert "would both be written to" in err and "{parent}" in err
 
 
+def test_one_input_named_twice_is_one_job(tmp_path):
+    (tmp_path / "a").mkdir()
+    (tmp_path / "a" / "ep1.mkv").write_bytes(b"")
+    os.symlink(tmp_path / "a" / "ep1.mkv", tmp_path / "link.mkv")
+    jobs = jobs_from_inputs([str(tmp_path / "a" / "ep1.mkv"), str(tmp_path / "a" / ".." / "a" / "ep1.mkv"),
+                             str(tmp_path / "a" / "*.mkv")], tmp_path / "out", None, {}, None)
+    assert [job.source for job in jobs] == [tmp_path / "a" / "ep1.mkv"]
+    jobs = tmp_path / "jobs.toml"
+    jobs.write_text('output_dir = "out"\ntemplate = "ep1.mkv"\n[[job]]\ninputs = ["a/ep1.mkv", "link.mkv"]\n')
+    assert len(jobs_from_file(jobs, None, {}, None)) == 1
+
+
 @pytest.mark.parametrize("segment_seconds", ["60", "0.1"])
 def test_the_record_is_written_before_the_output_appears(tmp_path, batch, identity_x2, monkeypatch,
                                                         segment_seconds):

@@ -263,18 +263,23 @@ def _read_job_file(path: Path) -> dict:
 
 
 def _checked(jobs: list[Job]) -> list[Job]:
+    """`jobs` with each input-output pair once: a file matched by two patterns, or named twice
+    (`a/ep1.mkv`, `a/../a/ep1.mkv`, a link to it), is one job, not a conflict."""
     if not jobs:
         raise UsageError("the inputs name no video files; check the paths")
-    seen: dict[Path, Job] = {}
+    seen: dict[str, Job] = {}
+    unique = []
     for job in jobs:
-        other = seen.setdefault(job.output.absolute(), job)
-        if other.source != job.source:
+        other = seen.setdefault(os.path.realpath(job.output), job)
+        if other is job:
+            unique.append(job)
+        elif os.path.realpath(other.source) != os.path.realpath(job.source):
             raise UsageError(f"{job.source} and {other.source} would both be written to {job.output}; "
                              f"use {{parent}} or another template")
-        if other != job:
+        elif replace(other, source=job.source, output=job.output) != job:
             raise UsageError(f"two jobs write {job.source} to {job.output} with different settings; "
                              f"give them different templates or output directories")
-    return jobs
+    return unique
 
 
 # --- skip when done -----------------------------------------------------------------------------
