@@ -259,3 +259,24 @@ def test_a_run_stopped_after_its_last_segment_only_joins_when_run_again(tmp_path
     whole = tmp_path / "whole.mkv"
     assert run("upscale", str(source), "-o", str(whole), *LOSSLESS)[0] == 0
     assert_same_output(target, whole)
+
+
+def test_a_whole_run_removes_the_work_a_stopped_resumable_run_left(tmp_path, run, monkeypatch):
+    source = make_clip(tmp_path / "in.mkv", frames=20, gop=5)
+    target = tmp_path / "out.mkv"
+    work = segments.work_dir_for(target)
+
+    def stopped(*_, **__):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(pipeline, "join_segments", stopped)
+    assert run("upscale", str(source), "-o", str(target), *LOSSLESS, "--resume", "--segment-seconds", "0.2")[0] == 130
+    monkeypatch.undo()
+    assert len(list(work.glob("segment-*.mkv"))) == 4
+    # One held by a live run stays.
+    with segments.WorkDir(target, segments.Resume({"input": "held"})):
+        assert run("upscale", str(source), "-o", str(target), *LOSSLESS)[0] == 0
+        assert work.is_dir()
+    status, err = run("upscale", str(source), "-o", str(target), *LOSSLESS, "--overwrite")
+    assert status == 0, err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in.mkv", "out.mkv"]

@@ -18,7 +18,8 @@ from .errors import MediaError, UsageError
 from .media import (EncoderSettings, VideoFrame, VideoReader, VideoWriter, check_output, is_deep,
                     join_segments, output_pix_fmt, read_image)
 from .models import LoadedModel, resolve
-from .segments import Cutter, LoneSegment, Resume, SegmentRecord, SegmentSink, WorkDir, segment_starts
+from .segments import (Cutter, LoneSegment, Resume, SegmentRecord, SegmentSink, WorkDir, remove_abandoned_work,
+                       segment_starts)
 from .tiling import TilePlan, choose_tile, plan_tiles, round_up, split, stitch
 from .tuning import Choice, tuned
 
@@ -375,6 +376,8 @@ def upscale_video(source, destination, settings: UpscaleSettings = UpscaleSettin
             if writer.frames_written != decoded:
                 raise MediaError(f"wrote {writer.frames_written} frames but decoded {decoded}; "
                                  f"the output is incomplete and was not kept")
+        if destination != "-":
+            remove_abandoned_work(Path(destination))
         return VideoResult(output=str(destination), frames=decoded, seconds=time.monotonic() - started,
                            corrupt_packets=reader.corrupt_packets, retimed_frames=writer.retimed_frames,
                            reused_frames=reused, setup_seconds=ready - started,

@@ -51,6 +51,22 @@ def work_dir_for(output: Path) -> Path:
     return output.with_name(output.name + WORK_SUFFIX)
 
 
+def remove_abandoned_work(output: Path) -> None:
+    """Delete the work directory a stopped resumable run left beside `output` (gigabytes, for an
+    episode), now that another run has written `output` whole; one a live run holds stays."""
+    path = work_dir_for(output)
+    try:
+        lock = open(path / _LOCK)
+    except OSError:
+        return
+    with lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return
+        shutil.rmtree(path, ignore_errors=True)
+
+
 @dataclass(frozen=True)
 class SegmentRecord:
     index: int
