@@ -24,6 +24,9 @@ from .errors import MediaError, OutputClosedError, UsageError
 # PyAV's logging bridge can deadlock when FFmpeg logs from worker threads; errors reach us as
 # exceptions anyway.
 av.logging.set_level(None)
+# SVT-AV1 writes its configuration banner (about 20 lines) to stderr at every encoder start, past
+# FFmpeg's log level; an unattended job's log should show only its errors. A user's own SVT_LOG wins.
+os.environ.setdefault("SVT_LOG", "1")
 
 IMAGE_CODECS = {".png": "png", ".jpg": "mjpeg", ".jpeg": "mjpeg"}
 
