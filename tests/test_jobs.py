@@ -5,6 +5,7 @@ import os
 import signal
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -12,7 +13,7 @@ import pytest
 from clips import corrupt_clip, make_clip
 from vidscale.cli import main
 from vidscale.errors import EXIT_SOME_FAILED
-from vidscale.jobs import jobs_from_file, jobs_from_inputs
+from vidscale.jobs import jobs_from_file, jobs_from_inputs, settings_digest
 
 FAST = ["-c:v", "libx264", "--preset", "ultrafast", "--progress", "none"]
 
@@ -206,6 +207,21 @@ def test_job_file_settings_take_what_the_command_line_takes(tmp_path):
     assert off.settings.calibration == tmp_path / "cal.png"  # relative to the job file, like inputs
 
 
+def test_encoder_settings_of_the_defaults_are_offered_a_job_s_own_must_be_known(tmp_path):
+    # [defaults] may carry x264 options into an FFV1 job, which ignores them; a misspelt option of
+    # the job's own is refused when its encoder opens.
+    jobs = tmp_path / "jobs.toml"
+    jobs.write_text('output_dir = "out"\n[defaults]\ncrf = 20\n[[job]]\ninputs = "a.mkv"\ncodec = "ffv1"\n'
+                    '[[job]]\ninputs = "b.mkv"\noptions = { tnue = "film" }\n')
+    inherited, own = jobs_from_file(jobs, None, {}, None)
+    assert (inherited.encoder.offered, own.encoder.offered) == ({"crf"}, {"crf"})
+    from_command_line, own = jobs_from_file(jobs, None, {"options": {"tune": "film"}}, None)
+    assert (from_command_line.encoder.offered, own.encoder.offered) == ({"crf", "tune"}, {"crf"})
+    # Whether an ignored option is refused changes no output: the record of a finished job stays valid.
+    assert settings_digest(inherited) == settings_digest(replace(inherited, encoder=replace(inherited.encoder,
+                                                                                            offered=frozenset())))
+
+
 def test_the_command_line_template_replaces_the_job_file_s_own(tmp_path):
     jobs = tmp_path / "jobs.toml"
     jobs.write_text('output_dir = "out"\ntemplate = "{stem}.file.mkv"\n[[job]]\ninputs = "a.mkv"\n'
@@ -255,7 +271,8 @@ def test_a_signal_stops_the_run_cleanly_and_leaves_nothing(tmp_path, cache_dir, 
     process = subprocess.Popen(
         [sys.executable, "-m", "vidscale", "--cache-dir", str(cache_dir), command, str(source), *where,
          "-m", str(identity_x2), "-c:v", "libx264", "--progress", "json"],
-        stderr=subprocess.PIPE, text=True)
+        # A shell's background job ignores SIGINT, and so would its children: the suite may run as one.
+        stderr=subprocess.PIPE, text=True, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:
         first = json.loads(process.stderr.readline())  # frames are flowing: stop mid-run
         process.send_signal(signum)

@@ -215,6 +215,11 @@ def jobs_from_file(path: Path, output_dir: Path | None, values: dict, cache_dir:
         if isinstance(values.get("calibration"), str):  # a path in the file is relative to it
             values["calibration"] = base / Path(values["calibration"]).expanduser()
         settings, encoder, strict = build_settings(values, where, cache_dir)
+        # [defaults] and the command line speak to jobs of every encoder; a job's own keys to its.
+        offered = {key for key in ("crf", "preset") if key in values and key not in entry}
+        if "options" not in entry:
+            offered.update(key for key, _ in encoder.options)
+        encoder = replace(encoder, offered=frozenset(offered))
         jobs += [Job(source, output_for(source, job_dir, job_template), settings, encoder, strict)
                  for pattern in inputs for source in expand_inputs(pattern, base)]
     return _checked(jobs)
@@ -305,7 +310,10 @@ def settings_digest(job: Job) -> str:
         path = getattr(job.settings, key)
         if path is not None and Path(path).is_file():
             settings[key] = fingerprint(Path(path))["sha256_ends"]
-    record = {"settings": settings, "encoder": dataclasses.asdict(job.encoder), "strict": job.strict}
+    # Whether unknown options are refused or ignored changes no output.
+    encoder = dataclasses.asdict(job.encoder)
+    del encoder["offered"]
+    record = {"settings": settings, "encoder": encoder, "strict": job.strict}
     return hashlib.sha256(json.dumps(record, sort_keys=True, default=str).encode()).hexdigest()
 
 

@@ -698,6 +698,9 @@ class EncoderSettings:
 
     pix_fmt: yuv420p, or yuv420p10le when the source has > 8 bits and the codec can.
     options: extra encoder options (key, value), applied last.
+    offered: names among crf, preset and the options' keys that are only offered: the encoder
+    takes them if it knows them, as a batch's [defaults] offer theirs to jobs of several encoders.
+    Any other one the encoder does not know (a misspelt -x, --crf for FFV1) is refused.
     format: container; default from the output extension, matroska for "-".
     colorspace / color_range: the output's YUV matrix and range; default the source's matrix
     when tagged, else the usual one for the OUTPUT size (bt709 for HD), and limited ("tv").
@@ -711,6 +714,7 @@ class EncoderSettings:
     format: str | None = None
     colorspace: str | None = None
     color_range: str | None = None
+    offered: frozenset[str] = frozenset()
 
 
 def _is_broken_pipe(exc: BaseException) -> bool:
@@ -905,6 +909,11 @@ class VideoWriter:
                             dst_color_range=_SWS_RANGE[colour_range], interpolation=_SWS_FLAGS)
         self._reformatter = VideoReformatter()
         self._open_encoder(ctx, codec, pix_fmt)
+        # What the encoder left of its options is what it does not know.
+        unknown = sorted(set(ctx.options) - settings.offered)
+        if unknown:
+            raise UsageError(f"encoder {codec.name} does not take {', '.join(unknown)}; "
+                             f"check the spelling of -x options, or drop what it does not take")
         return self._tag_video(stream, source)
 
     def _open_encoder(self, ctx, codec: av.Codec, pix_fmt: str) -> None:
