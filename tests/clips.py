@@ -24,14 +24,14 @@ def pattern(height: int, width: int, shift: int = 0) -> np.ndarray:
     return colours[((y // 16) * 4 + x // 16 + shift) % len(colours)]
 
 
-def make_clip(path, *, frames=6, size=(64, 48), pts=None, time_base=Fraction(1, 1000),
+def make_clip(path, *, frames=6, size=(64, 48), pts=None, durations=None, time_base=Fraction(1, 1000),
               codec="libx264", pix_fmt="yuv420p", fmt=None, colour=None, audio=True,
               subtitles=False, attachment=False, chapters=False, rotation=0, sar=None, gop=None,
-              options=None):
+              options=None, timecode=None):
     """A small clip made here: `colour` is (sws matrix name, range, AVCOL colorspace code) or
     None for an untagged BT.601 limited picture; `gop`: the keyframe interval; `options`: more
     encoder options (libx264's preset is ultrafast: no B-frames); `audio`: an AAC and a FLAC
-    track, or "aac" for the AAC one alone."""
+    track, or "aac" for the AAC one alone; `durations`: each frame's (else the muxer's 1/25 s)."""
     width, height = size
     pts = list(range(0, frames * 40, 40)) if pts is None else pts
     with av.open(str(path), "w", format=fmt) as out:
@@ -52,6 +52,8 @@ def make_clip(path, *, frames=6, size=(64, 48), pts=None, time_base=Fraction(1, 
             video.set_display_rotation(rotation)
         video.metadata["language"] = "jpn"
         video.metadata["title"] = "picture"
+        if timecode:  # MP4/MOV write it as a timecode (tmcd) track as well
+            video.metadata["timecode"] = timecode
         if audio:
             sound = out.add_stream("aac", rate=8000)
             sound.metadata.update(language="eng", title="Commentary")
@@ -76,12 +78,19 @@ def make_clip(path, *, frames=6, size=(64, 48), pts=None, time_base=Fraction(1, 
                 {"id": 2, "start": 100, "end": 240, "time_base": Fraction(1, 1000),
                  "metadata": {"title": "Part A"}}])
         out.metadata["title"] = "made by test_media"
+        wanted = dict(zip(pts, durations or []))
+
+        def mux_video(packets):
+            for packet in packets:
+                packet.duration = wanted.get(packet.pts, packet.duration)
+            out.mux(packets)
+
         for i, stamp in enumerate(pts):
             frame = av.VideoFrame.from_ndarray(pattern(height, width, i), format="rgb24")
             frame = frame.reformat(format=pix_fmt, dst_colorspace=matrix,
                                    dst_color_range=colour_range)
             frame.pts, frame.time_base = stamp, time_base
-            out.mux(video.encode(frame))
+            mux_video(video.encode(frame))
             if subtitles and i < 2:
                 for stream, text in ((srt, b"Hello %d" % i), (ass, b"%d,0,Default,,0,0,0,,Hi" % i)):
                     packet = av.Packet(text)
@@ -89,7 +98,7 @@ def make_clip(path, *, frames=6, size=(64, 48), pts=None, time_base=Fraction(1, 
                     packet.pts = packet.dts = stamp
                     packet.duration = 40
                     out.mux(packet)
-        out.mux(video.encode())
+        mux_video(video.encode())
         if audio:
             for stream in tracks:
                 samples = (np.sin(np.arange(2048) / 5) * 8000).astype(np.int16)[None]

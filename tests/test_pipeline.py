@@ -72,11 +72,43 @@ def test_known_colours_survive_decode_model_encode_within_two_code_values(tmp_pa
         assert np.abs(frame.rgb[::2, ::2].astype(int) - pattern(48, 64, index)).max() <= 2
 
 
-def test_variable_frame_rate_keeps_every_timestamp(tmp_path, run):
+@pytest.mark.parametrize("output", ["out.mkv", "out.mp4"])
+def test_variable_frame_rate_keeps_every_timestamp_and_duration(tmp_path, run, output):
+    # The last frame is held for 2 s, as an end card is; x264's default preset reorders frames.
     stamps = [0, 40, 50, 130, 135, 300, 301, 420, 700, 710]
-    source = make_clip(tmp_path / "vfr.mkv", frames=len(stamps), pts=stamps, audio=False)
-    assert run(str(source), "-o", str(tmp_path / "out.mkv"), *FAST)[0] == 0
-    assert demux_all(tmp_path / "out.mkv")[0] == [Fraction(p, 1000) for p in stamps]
+    durations = [40, 10, 80, 5, 165, 1, 119, 280, 10, 2000]
+    source = make_clip(tmp_path / "vfr.mkv", frames=len(stamps), pts=stamps, durations=durations, audio=False)
+    assert run(str(source), "-o", str(tmp_path / output), "-c:v", "libx264", "--dedup", "off")[0] == 0
+    assert demux_all(tmp_path / output)[0] == [Fraction(p, 1000) for p in stamps]
+    with av.open(str(tmp_path / output)) as out:
+        video = out.streams.video[0]
+        assert out.duration / 10**6 == pytest.approx(2.71, abs=0.001)
+        if output.endswith(".mkv"):  # an MP4 sample lasts until the next one's decode time
+            packets = sorted((p.pts, p.duration) for p in out.demux(video) if p.size)
+            assert [d * video.time_base * 1000 for _, d in packets] == durations
+
+
+@pytest.mark.parametrize("output", ["out.mp4", "out.mov", "out.mkv"])
+def test_mp4_chapter_and_timecode_tracks_are_made_again_not_copied(tmp_path, run, output):
+    # The MP4 muxer writes chapters as a chapter track and a timecode tag as a tmcd track; read
+    # back, both are data streams that no muxer takes as such.
+    source = make_clip(tmp_path / "in.mp4", frames=4, chapters=True, timecode="01:02:03:04", audio="aac")
+    with av.open(str(source)) as made:
+        assert [s.type for s in made.streams] == ["video", "audio", "data", "data"]
+    status, err = run(str(source), "-o", str(tmp_path / output), *FAST)
+    assert status == 0, err
+    with av.open(str(source)) as before, av.open(str(tmp_path / output)) as after:
+        def chapters(container):
+            return [(c["start"] * c["time_base"], c["end"] * c["time_base"], c["metadata"]) for c in container.chapters()]
+
+        assert len(chapters(before)) == 2 and chapters(after) == chapters(before)
+        tags = {k.lower(): v for k, v in after.streams.video[0].metadata.items()}
+        assert tags["timecode"] == "01:02:03:04"
+        data = [s for s in after.streams if s.type == "data"]
+        if output.endswith(".mkv"):
+            assert data == []
+        else:  # the timecode track and the chapter track, made by the muxer
+            assert len(data) == 2 and [s.metadata.get("timecode") for s in data] == [None, "01:02:03:04"]
 
 
 def test_several_audio_and_subtitle_tracks_and_chapters(tmp_path, run):
@@ -179,10 +211,10 @@ def test_a_failing_stage_stops_everything_and_leaves_no_output(tmp_path, cache_d
     source = make_clip(tmp_path / "in.mkv", frames=30)
     original = vidscale.media.VideoWriter.write_frame
 
-    def write_frame(self, rgb, pts):
+    def write_frame(self, *args):
         if self.frames_written == 5:
             raise vidscale.MediaError("disk on fire")
-        original(self, rgb, pts)
+        original(self, *args)
 
     monkeypatch.setattr(vidscale.media.VideoWriter, "write_frame", write_frame)
     with pytest.raises(vidscale.MediaError, match="disk on fire"):
@@ -214,8 +246,8 @@ def test_frames_in_flight_stay_bounded(tmp_path, cache_dir, identity_x2, monkeyp
         live.add(self.index)
         peak[0] = max(peak[0], len(live))
 
-    def write_frame(self, rgb, pts):
-        original_store(self, rgb, pts)
+    def write_frame(self, *args):
+        original_store(self, *args)
         live.discard(self.frames_written - 1)
 
     monkeypatch.setattr(pipeline._PendingFrame, "__init__", init)

@@ -61,8 +61,9 @@ def assert_same_output(segmented, whole, lossless=True):
 @pytest.mark.parametrize("suffix, codec", [(".mkv", LOSSLESS), (".mkv", BFRAMES), (".mp4", BFRAMES)])
 def test_a_segmented_run_gives_what_one_run_gives(tmp_path, run, suffix, codec):
     mkv = suffix == ".mkv"
+    # The last frame is held for a second: the joined stream must end where a single run's does.
     source = make_clip(tmp_path / "in.mkv", frames=30, gop=4, subtitles=mkv, attachment=mkv, chapters=True,
-                       sar=Fraction(4, 3))
+                       sar=Fraction(4, 3), durations=[40] * 29 + [1000])
     whole, segmented = tmp_path / f"whole{suffix}", tmp_path / f"segmented{suffix}"
     assert run("upscale", str(source), "-o", str(whole), *codec)[0] == 0
     status, err = run("upscale", str(source), "-o", str(segmented), *codec, "--resume", "--segment-seconds", "0.2")
@@ -70,6 +71,8 @@ def test_a_segmented_run_gives_what_one_run_gives(tmp_path, run, suffix, codec):
     assert_same_output(segmented, whole, lossless=codec is LOSSLESS)
     in_pts = demux_all(source)[0]
     assert demux_all(segmented)[0] == in_pts and len(in_pts) == 30
+    with av.open(str(segmented)) as out:
+        assert out.duration / 10**6 == pytest.approx(2.16, abs=0.001)
     if codec is BFRAMES:
         with av.open(str(segmented)) as out:  # B-frames really were there to get wrong
             packets = [p for p in out.demux(video=0) if p.size]

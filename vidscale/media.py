@@ -270,6 +270,8 @@ PIPE_FORMAT = "matroska"
 # Conservative: a codec missing here is refused with a pointer to .mkv, never damaged.
 _MPEGTS_CODECS = {"h264", "hevc", "mpeg2video", "mpeg4", "aac", "aac_latm", "ac3", "eac3", "mp2", "mp3",
                   "opus", "dvb_subtitle", "dvb_teletext"}
+# AVDISCARD_ALL: what a demuxer sets on a stream that is not to be read as one.
+_DISCARD_ALL = 48
 # Containers whose muxer drops chapters without a word.
 _NO_CHAPTERS = {"mpegts", "avi"}
 # These write their index (moov) at the end by seeking back, which a pipe cannot do; fragmented
@@ -399,11 +401,13 @@ class VideoInfo:
 @dataclass(frozen=True, eq=False)
 class VideoFrame:
     """One decoded frame of the upscaled stream: `index` counts from 0 in presentation order,
-    `pts` is in the video stream's time_base, `rgb` is (H, W, 3) uint8, or uint16 when deep."""
+    `pts` and `duration` (0: the source does not say) are in the video stream's time_base, `rgb`
+    is (H, W, 3) uint8, or uint16 when deep."""
 
     index: int
     pts: int
     rgb: np.ndarray
+    duration: int = 0
 
 
 def default_colorspace(width: int, height: int) -> str:
@@ -671,7 +675,18 @@ class VideoReader:
                 src_color_range=_SWS_RANGE[info.color_range], dst_color_range=ColorRange.JPEG,
                 interpolation=_SWS_FLAGS_DEEP_DECODE if self.deep else _SWS_FLAGS)
         self._next_index += 1
-        return VideoFrame(index, frame.pts, rgb.to_ndarray())
+        return VideoFrame(index, frame.pts, rgb.to_ndarray(), frame.duration or 0)
+
+
+def _made_again(stream, video) -> bool:
+    """Whether `stream` is one the output is made with anyway, not a stream of its own: an
+    MP4/MOV chapter track (its demuxer reads it into the chapters, which are copied, and marks it
+    discarded) or a QuickTime timecode track (the video's timecode tag, which is copied and from
+    which the MOV muxer makes it again)."""
+    if stream.discard == _DISCARD_ALL:
+        return True
+    timecode = stream.metadata.get("timecode")
+    return stream.type == "data" and timecode is not None and timecode == video.metadata.get("timecode")
 
 
 def _frame_rate(info: VideoInfo) -> Fraction | None:
@@ -789,6 +804,10 @@ class VideoWriter:
         self._last_source_pts, self._last_pts = after or (None, None)
         self.segment = segment
         self.packets: list[tuple[int, int | None, int]] = []
+        self._durations: dict[int, int] = {}
+        self._held: av.Packet | None = None
+        self._first_video: tuple[int, int] | None = None
+        self._video_end = 0
         self._template = video_template
         self.label = "stdout" if destination == "-" else str(destination)
         self._stack = ExitStack()
@@ -835,6 +854,7 @@ class VideoWriter:
             raise MediaError(f"cannot write {fmt} to {self.label} ({exc}); "
                              f"choose another container") from exc
         self._streams = {}
+        self._made_again: set[int] = set()
         if self.segment:
             self._add_video(self.reader.stream, codec, settings)
             return
@@ -847,6 +867,8 @@ class VideoWriter:
                 self._streams[stream.index] = self._add_video(stream, codec, settings)
             elif stream.type == "attachment":
                 self._add_attachment(stream)
+            elif _made_again(stream, self.reader.stream):
+                self._made_again.add(stream.index)
             else:
                 self._streams[stream.index] = self._copy_stream(stream)
         chapters = source.chapters()
@@ -988,8 +1010,9 @@ class VideoWriter:
             raise MediaError(f"{self.label}: the {self.container.format.name} container cannot "
                              f"carry attachments ({name}); write .mkv instead") from exc
 
-    def write_frame(self, rgb: np.ndarray, pts: int) -> None:
-        """Encode one upscaled frame, (height, width, 3) uint8 or uint16, at its SOURCE pts.
+    def write_frame(self, rgb: np.ndarray, pts: int, duration: int = 0) -> None:
+        """Encode one upscaled frame, (height, width, 3) uint8 or uint16, at its SOURCE pts and
+        for its source duration (0: unknown, the muxer derives one from the frame rate).
 
         Frames come in presentation order. A frame repeating the previous timestamp (some
         sources have them) is moved one tick of the time base later and counted in
@@ -1016,16 +1039,49 @@ class VideoWriter:
         frame = self._reformatter.reformat(frame, **self._to_yuv)
         frame.pts = pts
         frame.time_base = self.reader.info.time_base
+        if duration > 0:
+            self._durations[pts] = duration
         self._encode(frame)
         self.frames_written += 1
 
     def _encode(self, frame: av.VideoFrame | None) -> None:
         with self._errors():
             packets = self.video.encode(frame)
+            # Encoders give packets no duration (the muxer would derive 1/frame rate): a held
+            # drawing, an end card or any VFR frame would be cut short.
+            for packet in packets:
+                packet.duration = self._durations.pop(packet.pts, packet.duration)
             if self.segment:
                 # Before mux, which rescales them to the container's (maybe coarser) time base.
                 self.packets += [(p.pts, p.dts, p.duration) for p in packets]
-            self.container.mux(packets)
+            for packet in packets:
+                self._mux_video(packet)
+
+    def _mux_video(self, packet: av.Packet) -> None:
+        """Mux a packet of the upscaled stream. An MP4/MOV sample lasts until the next one's dts;
+        only the last one's own duration counts, and with B-frames that is not the last frame's.
+        It is held back until close, which stretches it to end the track where the last frame
+        does, as Matroska's block durations do."""
+        if self.container.format.name not in _SEEKING_FORMATS:
+            self.container.mux(packet)
+            return
+        if self._first_video is None:
+            self._first_video = (packet.pts, packet.dts)
+        if packet.duration:
+            self._video_end = max(self._video_end, packet.pts + packet.duration)
+        if self._held is not None:
+            self.container.mux(self._held)
+        self._held = packet
+
+    def _mux_held(self) -> None:
+        held, self._held = self._held, None
+        if held is None:
+            return
+        first_pts, first_dts = self._first_video
+        if held.duration and None not in (held.dts, first_dts):
+            # The track's presentation starts at first_pts, its samples at first_dts.
+            held.duration = max(self._video_end - held.dts - (first_pts - first_dts), 1)
+        self.container.mux(held)
 
     @property
     def last_pts(self) -> tuple[int, int] | None:
@@ -1043,11 +1099,13 @@ class VideoWriter:
         packet.stream = self.video
         packet.time_base = self.reader.info.time_base
         with self._errors():
-            self.container.mux(packet)
+            self._mux_video(packet)
         self.frames_written += 1
 
     def write_packet(self, packet: av.Packet) -> None:
         """Mux a packet of a copied stream (as yielded by VideoReader.events)."""
+        if packet.stream.index in self._made_again:
+            return
         packet.stream = self._streams[packet.stream.index]
         with self._errors():
             self.container.mux(packet)
@@ -1060,6 +1118,7 @@ class VideoWriter:
             if self._template is None:
                 self._encode(None)
             with self._errors():
+                self._mux_held()
                 self._closed = True
                 self._stack.close()
         except BaseException as exc:

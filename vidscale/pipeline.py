@@ -284,10 +284,10 @@ def frames_match(frame: np.ndarray, reference: np.ndarray, threshold: float) -> 
 class _ReusedFrame:
     """A frame that matched the last inferred one: the encoder writes that output again at this pts."""
 
-    __slots__ = ("index", "pts")
+    __slots__ = ("index", "pts", "duration")
 
-    def __init__(self, index: int, pts: int):
-        self.index, self.pts = index, pts
+    def __init__(self, index: int, pts: int, duration: int):
+        self.index, self.pts, self.duration = index, pts, duration
 
 
 class _Cut:
@@ -305,10 +305,10 @@ _SKIPPED = object()  # a frame of a segment an earlier run completed
 class _PendingFrame:
     """A frame whose tiles are in inference; the OpenVINO callbacks fill it, the encoder waits."""
 
-    __slots__ = ("index", "pts", "results", "done", "_remaining", "_lock")
+    __slots__ = ("index", "pts", "duration", "results", "done", "_remaining", "_lock")
 
-    def __init__(self, index: int, pts: int, results: np.ndarray):
-        self.index, self.pts, self.results = index, pts, results
+    def __init__(self, index: int, pts: int, duration: int, results: np.ndarray):
+        self.index, self.pts, self.duration, self.results = index, pts, duration, results
         self.done = threading.Event()
         self._remaining = len(results)
         self._lock = threading.Lock()
@@ -545,12 +545,12 @@ def _run_stages(reader: VideoReader | _Window, writer: VideoWriter | SegmentSink
                     if not run.wait(item.done):
                         return
                     upscaled = stitch(plan, item.results)
-                    writer.write_frame(upscaled, item.pts)
+                    writer.write_frame(upscaled, item.pts, item.duration)
                     slots.release()
                     progress.update(writer.frames_written)
                 elif isinstance(item, _ReusedFrame):
                     # Frames are written in order, so the last one written is the reference.
-                    writer.write_frame(upscaled, item.pts)
+                    writer.write_frame(upscaled, item.pts, item.duration)
                     progress.update(writer.frames_written)
                 elif item is _SKIPPED:
                     writer.skip()
@@ -589,13 +589,13 @@ def _run_stages(reader: VideoReader | _Window, writer: VideoWriter | SegmentSink
             # Compared with the last frame that went through the model, not the previous one,
             # so a slow fade cannot creep past the threshold one small step at a time.
             if dedup is not None and reference is not None and frames_match(event.rgb, reference, dedup):
-                ordered.put(_ReusedFrame(event.index, event.pts))
+                ordered.put(_ReusedFrame(event.index, event.pts, event.duration))
                 reused += 1
                 continue
             reference = event.rgb
             if not run.acquire(slots):
                 break
-            pending = _PendingFrame(event.index, event.pts, np.empty(result_shape, model.dtype))
+            pending = _PendingFrame(event.index, event.pts, event.duration, np.empty(result_shape, model.dtype))
             submit_tiles(inference, split(plan, event.rgb), pending)
             ordered.put(pending)
         ordered.put(_END)

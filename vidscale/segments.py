@@ -271,8 +271,8 @@ class SegmentSink:
         elif record.first_pts != first_pts:
             self._mismatch(index, f"starts at pts {first_pts}, its record at {record.first_pts}")
 
-    def write_frame(self, rgb, pts: int) -> None:
-        self._writer.write_frame(rgb, pts)
+    def write_frame(self, rgb, pts: int, duration: int = 0) -> None:
+        self._writer.write_frame(rgb, pts, duration)
         self._segment_frames += 1
         self.frames_written += 1
 
