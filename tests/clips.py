@@ -27,11 +27,12 @@ def pattern(height: int, width: int, shift: int = 0) -> np.ndarray:
 def make_clip(path, *, frames=6, size=(64, 48), pts=None, durations=None, time_base=Fraction(1, 1000),
               codec="libx264", pix_fmt="yuv420p", fmt=None, colour=None, audio=True,
               subtitles=False, attachment=False, chapters=False, rotation=0, sar=None, gop=None,
-              options=None, timecode=None):
+              options=None, timecode=None, picture=None):
     """A small clip made here: `colour` is (sws matrix name, range, AVCOL colorspace code) or
     None for an untagged BT.601 limited picture; `gop`: the keyframe interval; `options`: more
     encoder options (libx264's preset is ultrafast: no B-frames); `audio`: an AAC and a FLAC
-    track, or "aac" for the AAC one alone; `durations`: each frame's (else the muxer's 1/25 s)."""
+    track, or "aac" for the AAC one alone; `durations`: each frame's (else the muxer's 1/25 s);
+    `picture`: PNG bytes attached (Matroska) or as cover art."""
     width, height = size
     pts = list(range(0, frames * 40, 40)) if pts is None else pts
     with av.open(str(path), "w", format=fmt) as out:
@@ -71,6 +72,14 @@ def make_clip(path, *, frames=6, size=(64, 48), pts=None, durations=None, time_b
             ass.metadata["language"] = "jpn"
         if attachment:
             out.add_attachment("ZenMaru.ttf", "font/ttf", b"\x00\x01\x00\x00FAKEFONT" * 50)
+        if picture and out.format.name == "matroska":
+            out.add_attachment("cover.png", "image/png", picture)
+        elif picture:  # cover art
+            cover = out.add_mux_stream("png", width=8, height=6)
+            cover.disposition = av.stream.Disposition.attached_pic
+            packet = av.Packet(picture)
+            packet.stream, packet.pts, packet.dts, packet.is_keyframe = cover, 0, 0, True
+            out.mux(packet)
         if chapters:
             out.set_chapters([
                 {"id": 1, "start": 0, "end": 100, "time_base": Fraction(1, 1000),

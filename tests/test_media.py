@@ -305,6 +305,24 @@ def test_what_the_container_cannot_carry_is_refused_not_dropped(tmp_path, output
     assert list(tmp_path.iterdir()) == [source]
 
 
+def test_what_matroska_cannot_carry_is_refused_with_a_fix_that_is_not_matroska(tmp_path):
+    source = make_clip(tmp_path / "in.mp4", frames=1, audio=False)
+    with av.open(str(source)) as clip, av.open(str(tmp_path / "subs.mp4"), "w") as out:
+        video = out.add_stream_from_template(clip.streams.video[0])
+        text = out.add_mux_stream("mov_text", time_base=Fraction(1, 1000))
+        for packet in clip.demux(video=0):
+            if packet.size:
+                packet.stream = video
+                out.mux(packet)
+        line = av.Packet(b"\x00\x02Hi")
+        line.stream, line.pts, line.dts, line.duration, line.time_base = text, 0, 0, 40, Fraction(1, 1000)
+        out.mux(line)
+    with VideoReader(tmp_path / "subs.mp4") as reader:
+        with pytest.raises(MediaError, match="matroska container cannot carry stream 1 .subtitle, mov_text.; "
+                                             "remux the input without that stream, or with it converted, first"):
+            VideoWriter(tmp_path / "out.mkv", reader, 128, 96, FAST)
+
+
 def test_mpeg_ts_output_keeps_its_audio(tmp_path):
     source = make_clip(tmp_path / "in.mkv", frames=2, audio="aac")
     with VideoReader(source) as reader, VideoWriter(tmp_path / "out.ts", reader, 128, 96, FAST) as writer:

@@ -4,6 +4,7 @@ Most runs use a real SRVGGNetCompact whose residual branch is zeroed (an exact n
 frames can be checked against their sources; one runs the real realesr-animevideov3 weights.
 """
 
+import io
 import json
 import os
 import subprocess
@@ -109,6 +110,39 @@ def test_mp4_chapter_and_timecode_tracks_are_made_again_not_copied(tmp_path, run
             assert data == []
         else:  # the timecode track and the chapter track, made by the muxer
             assert len(data) == 2 and [s.metadata.get("timecode") for s in data] == [None, "01:02:03:04"]
+
+
+def _png(height: int, width: int) -> bytes:
+    with av.open(buffer := io.BytesIO(), "w", format="image2pipe") as out:
+        stream = out.add_stream("png")
+        stream.width, stream.height, stream.pix_fmt = width, height, "rgb24"
+        out.mux(stream.encode(av.VideoFrame.from_ndarray(pattern(height, width), format="rgb24")))
+    return buffer.getvalue()
+
+
+def _pictures(path) -> list[tuple[str | None, str | None, bytes]]:
+    with av.open(str(path)) as container:
+        pictures = {s.index: (s.metadata.get("filename"), s.metadata.get("mimetype")) for s in container.streams
+                    if s.type == "video" and s.disposition & av.stream.Disposition.attached_pic}
+        return sorted((*pictures[p.stream.index], bytes(p)) for p in container.demux()
+                      if p.stream.index in pictures and p.size)
+
+
+@pytest.mark.parametrize("source_format", ["mkv", "mp4"])
+def test_attached_pictures_go_to_matroska_as_attachments(tmp_path, run, source_format):
+    # FFmpeg shows a Matroska picture attachment, and MP4 cover art, as a one-frame video stream;
+    # copied as such it became a video track (or was refused) instead of the attachment it was.
+    png = _png(6, 8)
+    source = make_clip(tmp_path / f"in.{source_format}", frames=3, audio="aac", attachment=source_format == "mkv",
+                       picture=png)
+    assert run(str(source), "-o", str(tmp_path / "out.mkv"), *FAST)[0] == 0
+    with av.open(str(tmp_path / "out.mkv")) as out:
+        assert [s.type for s in out.streams if s.type != "attachment"] == ["video", "audio", "video"]
+        assert [s.codec_context.name for s in out.streams.video] == ["h264", "png"]
+    name = "cover.png" if source_format == "mkv" else None
+    assert _pictures(source) == [(name, "image/png" if name else None, png)]
+    assert _pictures(tmp_path / "out.mkv") == [("cover.png", "image/png", png)]
+    assert b"V_PNG" not in (tmp_path / "out.mkv").read_bytes()
 
 
 def test_several_audio_and_subtitle_tracks_and_chapters(tmp_path, run):

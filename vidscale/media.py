@@ -342,6 +342,10 @@ def keyframe_pts(path: Path) -> list[int]:
                              f"check that the file is complete") from exc
 
 
+def _is_attached_picture(stream) -> bool:
+    return stream.type == "video" and bool(stream.disposition & av.stream.Disposition.attached_pic)
+
+
 def _video_stream(container, label: str):
     """The stream to upscale: the first video stream that is not cover art."""
     fmt = container.format.name
@@ -467,6 +471,10 @@ class VideoReader:
                 raise MediaError(f"{self.label} holds no decodable video frame; "
                                  f"check that the file is complete")
             self.info = self._describe(first)
+            # Cover art and other attached pictures: the demuxer gives each as one packet, before
+            # any other, so they are all in the lookahead.
+            self.attached_pictures = {e.stream.index: bytes(e) for e in self._lookahead
+                                      if isinstance(e, av.Packet) and _is_attached_picture(e.stream)}
         except BaseException:
             self.container.close()
             raise
@@ -867,6 +875,9 @@ class VideoWriter:
                 self._streams[stream.index] = self._add_video(stream, codec, settings)
             elif stream.type == "attachment":
                 self._add_attachment(stream)
+            elif _is_attached_picture(stream) and self.container.format.name == "matroska":
+                self._add_picture_attachment(stream)
+                self._made_again.add(stream.index)
             elif _made_again(stream, self.reader.stream):
                 self._made_again.add(stream.index)
             else:
@@ -986,9 +997,10 @@ class VideoWriter:
             stream = self.container.add_stream_from_template(source)
         except ValueError as exc:
             codec = source.codec_context.name if source.codec_context else "data"
+            fix = ("remux the input without that stream, or with it converted, first"
+                   if self.container.format.name == "matroska" else "write .mkv instead")
             raise MediaError(f"{self.label}: the {self.container.format.name} container cannot "
-                             f"carry stream {source.index} ({source.type}, {codec}); "
-                             f"write .mkv instead") from exc
+                             f"carry stream {source.index} ({source.type}, {codec}); {fix}") from exc
         # PyAV writes the metadata dict into the stream when the header is written.
         stream.metadata.update(source.metadata)
         stream.disposition = source.disposition
@@ -1009,6 +1021,19 @@ class VideoWriter:
         except (av.FFmpegError, ValueError) as exc:
             raise MediaError(f"{self.label}: the {self.container.format.name} container cannot "
                              f"carry attachments ({name}); write .mkv instead") from exc
+
+    def _add_picture_attachment(self, source) -> None:
+        """An attached picture (a Matroska attachment the demuxer shows as one, or MP4 cover art)
+        goes into Matroska as the attachment it is, not as a one-frame video track."""
+        data = self.reader.attached_pictures.get(source.index)
+        if data is None:
+            raise MediaError(f"{self.reader.label}: the attached picture of stream {source.index} "
+                             f"could not be read; remux the input with mkvmerge first")
+        codec = source.codec_context.name if source.codec_context else "mjpeg"
+        kind = {"mjpeg": ("jpg", "image/jpeg"), "png": ("png", "image/png")}.get(codec, ("bin", None))
+        name = source.metadata.get("filename") or f"cover.{kind[0]}"
+        mimetype = source.metadata.get("mimetype") or kind[1] or "application/octet-stream"
+        self.container.add_attachment(name, mimetype, data)
 
     def write_frame(self, rgb: np.ndarray, pts: int, duration: int = 0) -> None:
         """Encode one upscaled frame, (height, width, 3) uint8 or uint16, at its SOURCE pts and
