@@ -13,7 +13,7 @@ import pytest
 from clips import (COLOUR_CASES, bad_inputs, corrupt_clip, demux_all, make_clip, pattern, resolution_change,
                    stream_tags)
 from conftest import media, nearest
-from vidscale.errors import MediaError
+from vidscale.errors import MediaError, UsageError
 from vidscale.media import (
     ENCODER_DEFAULTS, EncoderSettings, OutputClosedError, VideoFrame, VideoReader, VideoWriter,
 )
@@ -293,7 +293,6 @@ def test_a_temporary_output_left_by_a_killed_run_is_removed_by_the_next(tmp_path
     ("out.ts", {"subtitles": True}, "libx264", "mpegts container cannot carry stream 1 .subtitle, srt."),
     ("out.ts", {"audio": True}, "libx264", "mpegts container cannot carry stream 2 .audio, flac."),
     ("out.ts", {"chapters": True}, "libx264", "mpegts container cannot carry chapters"),
-    ("out.avi", {"chapters": True}, "libx264", "avi container cannot carry chapters"),
     ("out.ts", {}, "ffv1", "mpegts container cannot hold ffv1 video"),
     ("out.mp4", {"attachment": True}, "libx264", "mp4 container cannot carry attachments .ZenMaru.ttf."),
 ])
@@ -302,6 +301,16 @@ def test_what_the_container_cannot_carry_is_refused_not_dropped(tmp_path, output
     with VideoReader(source) as reader:
         with pytest.raises(MediaError, match=message):
             VideoWriter(tmp_path / output, reader, 128, 96, EncoderSettings(codec=codec))
+    assert list(tmp_path.iterdir()) == [source]
+
+
+@pytest.mark.parametrize("output, fmt", [("out.avi", None), ("out.mkv", "avi")])
+def test_avi_is_refused_for_it_would_mistime_frames(tmp_path, output, fmt):
+    source = make_clip(tmp_path / "in.mkv", frames=1, audio=False)
+    with VideoReader(source) as reader:
+        with pytest.raises(UsageError, match="avi cannot store each frame's timestamp .variable frame rate and "
+                                             "B-frames come out mistimed.; write .mkv or .mp4 instead"):
+            VideoWriter(tmp_path / output, reader, 128, 96, EncoderSettings(codec="ffv1", format=fmt))
     assert list(tmp_path.iterdir()) == [source]
 
 

@@ -48,7 +48,8 @@ from .tiling import parse_tile
 DEFAULT_TEMPLATE = "{stem}.upscaled.mkv"
 SIDECAR_SUFFIX = ".vidscale.json"
 # What a directory given as input contributes: the files that look like videos.
-VIDEO_SUFFIXES = frozenset(OUTPUT_FORMATS) | {".mpg", ".mpeg", ".m2v", ".flv", ".wmv", ".ogv", ".3gp", ".vob"}
+VIDEO_SUFFIXES = frozenset(OUTPUT_FORMATS) | {".avi", ".mpg", ".mpeg", ".m2v", ".flv", ".wmv", ".ogv", ".3gp",
+                                              ".vob"}
 _FINGERPRINT_BYTES = 1 << 20
 _RUN_KEYS = ("segment_seconds", "ray", "ray_cpus", "ray_storage")
 

@@ -263,8 +263,11 @@ ENCODER_DEFAULTS: dict[str, dict[str, str]] = {
 # MPEG-4 elementary stream and our temporary names end in .partial anyway.
 OUTPUT_FORMATS = {".mkv": "matroska", ".webm": "webm", ".mp4": "mp4", ".m4v": "mp4",
                   ".mov": "mov", ".nut": "nut", ".ts": "mpegts", ".m2ts": "mpegts",
-                  ".mts": "mpegts", ".avi": "avi"}
+                  ".mts": "mpegts"}
 PIPE_FORMAT = "matroska"
+# AVI stores no timestamps, only a frame rate and decode order: variable frame timing and
+# B-frames come out mistimed (measured: a VFR clip's frames decoded up to 0.4 s early).
+_REFUSED_FORMATS = {".avi": "avi"}
 # MPEG-TS takes any stream, but writes one it has no stream type for as private data, which reads
 # back as an untyped data stream (FLAC, PCM, ASS and SRT among them); these are the codecs it keeps.
 # Conservative: a codec missing here is refused with a pointer to .mkv, never damaged.
@@ -273,7 +276,7 @@ _MPEGTS_CODECS = {"h264", "hevc", "mpeg2video", "mpeg4", "aac", "aac_latm", "ac3
 # AVDISCARD_ALL: what a demuxer sets on a stream that is not to be read as one.
 _DISCARD_ALL = 48
 # Containers whose muxer drops chapters without a word.
-_NO_CHAPTERS = {"mpegts", "avi"}
+_NO_CHAPTERS = {"mpegts"}
 # These write their index (moov) at the end by seeking back, which a pipe cannot do; fragmented
 # MP4 puts an empty moov first and the samples in self-contained fragments. delay_moov holds the
 # moov back until the first fragment so it can carry the edit list: without it every timestamp
@@ -848,10 +851,14 @@ class VideoWriter:
         else:
             path = Path(destination)
             if fmt is None:
-                fmt = OUTPUT_FORMATS.get(path.suffix.lower())
+                fmt = OUTPUT_FORMATS.get(path.suffix.lower()) or _REFUSED_FORMATS.get(path.suffix.lower())
                 if fmt is None:
                     raise UsageError(f"cannot tell which container to write for {path}; "
                                      f"use one of {', '.join(OUTPUT_FORMATS)}")
+        if fmt in _REFUSED_FORMATS.values():
+            raise UsageError(f"{self.label}: {fmt} cannot store each frame's timestamp (variable frame "
+                             f"rate and B-frames come out mistimed); write .mkv or .mp4 instead")
+        if destination != "-":
             commit = None if self._on_commit is None else lambda tmp: self._on_commit(tmp, self.frames_written)
             target = str(self._stack.enter_context(atomic_output(path, commit)))
         codec = _encoder(settings.codec)
