@@ -1,5 +1,6 @@
 """`vidscale batch` as a nightly timer runs it: job files, skip-when-done, reports, exit statuses."""
 
+import errno
 import json
 import os
 import signal
@@ -13,7 +14,7 @@ import pytest
 from clips import corrupt_clip, make_clip
 from vidscale.cli import main
 from vidscale.errors import EXIT_SOME_FAILED
-from vidscale.jobs import jobs_from_file, jobs_from_inputs, settings_digest
+from vidscale.jobs import BatchReport, jobs_from_file, jobs_from_inputs, settings_digest
 
 FAST = ["-c:v", "libx264", "--preset", "ultrafast", "--progress", "none"]
 
@@ -255,11 +256,30 @@ def test_a_report_path_that_cannot_be_written_is_refused_before_any_job(tmp_path
     assert not (tmp_path / "out").exists()
 
 
+def test_a_report_that_cannot_be_written_at_the_end_is_one_line_after_the_jobs(tmp_path, batch, identity_x2,
+                                                                               monkeypatch):
+    source = make_clip(tmp_path / "ep1.mkv", frames=2)
+
+    def full(*_):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(BatchReport, "write", full)
+    status, err = batch(str(source), "--output-dir", str(tmp_path / "out"), "-m", str(identity_x2), *FAST,
+                        "--report", str(tmp_path / "report.json"))
+    assert status == 2
+    last = err.splitlines()[-1]
+    assert last.startswith("vidscale: error: the batch ran (1 jobs: 1 done, 0 skipped, 0 failed in ")
+    assert last.endswith(f"but its report {tmp_path / 'report.json'} could not be written (No space left on "
+                         f"device); check that folder and free space")
+    assert (tmp_path / "out" / "ep1.upscaled.mkv").is_file()
+
+
 # --- signals ------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("command, signum, status", [
     ("upscale", signal.SIGTERM, 143),
     ("upscale", signal.SIGINT, 130),
+    ("upscale", signal.SIGHUP, 129),
     ("batch", signal.SIGTERM, 143),
 ])
 def test_a_signal_stops_the_run_cleanly_and_leaves_nothing(tmp_path, cache_dir, identity_x2, command, signum, status):
@@ -281,7 +301,7 @@ def test_a_signal_stops_the_run_cleanly_and_leaves_nothing(tmp_path, cache_dir, 
     finally:
         process.kill()
     assert first["frame"] < 600
-    assert err.splitlines()[-1] == ("vidscale: terminated" if signum == signal.SIGTERM else "vidscale: interrupted")
+    assert err.splitlines()[-1] == ("vidscale: interrupted" if signum == signal.SIGINT else "vidscale: terminated")
     assert "Traceback" not in err
     assert list(out.iterdir()) == []  # no output, no .partial, no sidecar
     if command == "batch":

@@ -304,6 +304,15 @@ def test_what_the_container_cannot_carry_is_refused_not_dropped(tmp_path, output
     assert list(tmp_path.iterdir()) == [source]
 
 
+@pytest.mark.parametrize("fmt", ["rawvideo", "yuv4mpegpipe"])
+def test_formats_that_hold_the_video_alone_are_refused(tmp_path, fmt):
+    source = make_clip(tmp_path / "in.mkv", frames=1)  # its audio would be lost
+    with VideoReader(source) as reader:
+        with pytest.raises(UsageError, match=f"-f {fmt} is not a container vidscale writes; use one of matroska"):
+            VideoWriter(tmp_path / "out.mkv", reader, 128, 96, EncoderSettings(codec="ffv1", format=fmt))
+    assert list(tmp_path.iterdir()) == [source]
+
+
 @pytest.mark.parametrize("output, fmt", [("out.avi", None), ("out.mkv", "avi")])
 def test_avi_is_refused_for_it_would_mistime_frames(tmp_path, output, fmt):
     source = make_clip(tmp_path / "in.mkv", frames=1, audio=False)

@@ -190,6 +190,14 @@ def test_through_real_os_pipes(tmp_path, cache_dir, identity_x2):
     assert done.stderr == ""
 
 
+def test_a_closed_stdout_is_a_usage_error(tmp_path, cache_dir, identity_x2):
+    source = make_clip(tmp_path / "in.mkv", frames=2)
+    command = f"{sys.executable} -m vidscale --cache-dir {cache_dir} upscale {source} -o - -m {identity_x2} >&-"
+    done = subprocess.run(["bash", "-c", command], capture_output=True, text=True, timeout=300)
+    assert (done.returncode, done.stderr) == (2, "vidscale: error: stdout is closed, so -o - has nowhere to "
+                                                 "write; give a file or a pipe\n")
+
+
 def test_a_reader_closing_the_pipe_early_ends_the_run_quietly(tmp_path, cache_dir, identity_x2):
     source = make_clip(tmp_path / "in.mkv", frames=60, size=(128, 96))
     command = (f"{sys.executable} -m vidscale --cache-dir {cache_dir} upscale {source} -o - -m {identity_x2} "

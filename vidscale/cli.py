@@ -19,17 +19,22 @@ from .progress import MODES, Both, EventLog, make_progress
 from .segments import DEFAULT_SEGMENT_SECONDS
 from .tiling import DEFAULT_OVERLAP, parse_tile
 
-# 128 + the signal number, what a shell reports for a process the signal killed.
-EXIT_INTERRUPTED = 130
-EXIT_TERMINATED = 143
+# Stopped by a signal, the exit status is 128 + its number, what a shell reports for a process
+# the signal killed: 130 for SIGINT. These stop a run as SIGINT does: SIGTERM (systemd, kill) and
+# SIGHUP (the terminal or ssh session went away).
+_STOP_SIGNALS = (signal.SIGTERM, signal.SIGHUP)
 
 
 class Terminated(KeyboardInterrupt):
-    """SIGTERM, raised in the main thread; a KeyboardInterrupt so every stage stops as for Ctrl-C."""
+    """A stop signal, raised in the main thread; a KeyboardInterrupt so every stage stops as for Ctrl-C."""
+
+    def __init__(self, signum: int):
+        super().__init__(signum)
+        self.signum = signum
 
 
 def _terminate(signum, frame) -> None:
-    raise Terminated()
+    raise Terminated(signum)
 
 
 def _tile(text: str) -> tuple[int, int] | None:
@@ -351,7 +356,12 @@ def run_batch(args: argparse.Namespace, log: EventLog | None) -> int:
 
 def _finish_batch(args: argparse.Namespace, report, log: EventLog | None) -> int:
     if args.report is not None:
-        report.write(args.report)
+        try:
+            report.write(args.report)
+        except OSError as exc:
+            # The jobs' outputs and records are in place; only the report is missing.
+            raise UsageError(f"the batch ran ({report.summary()}) but its report {args.report} could not "
+                             f"be written ({exc.strerror}); check that folder and free space") from None
     if log is not None:
         log.write("batch_end", summary=report.summary(), done=report.count("done"),
                   skipped=report.count("skipped"), failed=report.count("failed"))
@@ -393,9 +403,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     log = None
-    # SIGTERM (systemd, kill) stops a run like Ctrl-C does: raised in the main thread, where the
-    # pipeline turns it into a clean stop (inference drained, temporary output removed).
-    previous = signal.signal(signal.SIGTERM, _terminate)
+    # A stop signal stops a run like Ctrl-C does: raised in the main thread, where the pipeline
+    # turns it into a clean stop (inference drained, temporary output removed).
+    previous = {signum: signal.signal(signum, _terminate) for signum in _STOP_SIGNALS}
     try:
         if getattr(args, "log_file", None) is not None:
             log = _open_log(args.log_file)
@@ -413,13 +423,14 @@ def main(argv: list[str] | None = None) -> int:
             log.write("error", message=str(exc), exit_status=exc.exit_status)
         return exc.exit_status
     except KeyboardInterrupt as exc:
-        terminated = isinstance(exc, Terminated)
-        print(f"vidscale: {'terminated' if terminated else 'interrupted'}", file=sys.stderr)
+        signum = exc.signum if isinstance(exc, Terminated) else signal.SIGINT
+        print(f"vidscale: {'interrupted' if signum == signal.SIGINT else 'terminated'}", file=sys.stderr)
         if log is not None:
-            log.write("interrupted", signal="SIGTERM" if terminated else "SIGINT")
-        return EXIT_TERMINATED if terminated else EXIT_INTERRUPTED
+            log.write("interrupted", signal=signal.Signals(signum).name)
+        return 128 + signum
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
         if log is not None:
             log.close()
 

@@ -847,6 +847,8 @@ class VideoWriter:
             fmt = fmt or PIPE_FORMAT
             if fmt in _SEEKING_FORMATS:
                 options["movflags"] = _FRAGMENTED
+            if sys.stdout is None:
+                raise UsageError("stdout is closed, so -o - has nowhere to write; give a file or a pipe")
             target = sys.stdout.buffer
         else:
             path = Path(destination)
@@ -855,6 +857,11 @@ class VideoWriter:
                 if fmt is None:
                     raise UsageError(f"cannot tell which container to write for {path}; "
                                      f"use one of {', '.join(OUTPUT_FORMATS)}")
+        if fmt not in OUTPUT_FORMATS.values() and fmt not in _REFUSED_FORMATS.values():
+            # Raw and picture formats (rawvideo, yuv4mpegpipe) hold the video alone: every other
+            # stream would be lost, or the encoder refused only after the last frame.
+            raise UsageError(f"-f {fmt} is not a container vidscale writes; use one of "
+                             f"{', '.join(sorted(set(OUTPUT_FORMATS.values())))}")
         if fmt in _REFUSED_FORMATS.values():
             raise UsageError(f"{self.label}: {fmt} cannot store each frame's timestamp (variable frame "
                              f"rate and B-frames come out mistimed); write .mkv or .mp4 instead")
