@@ -1,11 +1,14 @@
 """`vidscale batch` as a nightly timer runs it: job files, skip-when-done, reports, exit statuses."""
 
 import errno
+import fcntl
 import json
 import os
 import signal
 import subprocess
 import sys
+import termios
+import time
 from dataclasses import replace
 from pathlib import Path
 
@@ -308,6 +311,45 @@ def test_a_signal_stops_the_run_cleanly_and_leaves_nothing(tmp_path, cache_dir, 
         report = json.loads((tmp_path / "report.json").read_text())
         assert report["interrupted"] is True
         assert [(j["status"], j["error"]) for j in report["jobs"]] == [("failed", "interrupted")]
+
+
+def test_a_signal_stops_a_run_whose_stdout_reader_stopped_reading(tmp_path, cache_dir, identity_x2):
+    # The encoder thread then sits in a blocking write that nothing can end; the run must still
+    # stop, and not crash when the reader wakes up.
+    source = make_clip(tmp_path / "long.mkv", frames=200, size=(128, 96), audio=False)
+    process = subprocess.Popen(
+        [sys.executable, "-m", "vidscale", "--cache-dir", str(cache_dir), "upscale", str(source), "-o", "-",
+         "-m", str(identity_x2), "-c:v", "ffv1", "--progress", "json"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        json.loads(process.stderr.readline())  # frames are flowing into a pipe nobody reads
+        time.sleep(1)
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(timeout=60) == 143
+        assert process.stderr.read().splitlines()[-1] == "vidscale: terminated"
+    finally:
+        process.kill()
+
+
+def test_a_signal_stops_a_run_still_opening_a_quiet_stdin(tmp_path, cache_dir, identity_x2):
+    source = make_clip(tmp_path / "long.mkv", frames=200, size=(128, 96), audio=False)
+    read_end, write_end = os.pipe()
+    process = subprocess.Popen(
+        [sys.executable, "-m", "vidscale", "--cache-dir", str(cache_dir), "upscale", "-", "-o",
+         str(tmp_path / "out.mkv"), "-m", str(identity_x2)], stdin=read_end, stderr=subprocess.PIPE, text=True)
+    try:
+        os.write(write_end, source.read_bytes()[:4000])  # a header, then the producer goes quiet
+        while int.from_bytes(fcntl.ioctl(read_end, termios.FIONREAD, b"\0" * 4), "little"):
+            time.sleep(0.1)  # until vidscale has read it: it is opening the input
+        time.sleep(0.5)
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(timeout=30) == 143
+        assert process.stderr.read() == "vidscale: terminated\n"
+    finally:
+        process.kill()
+        os.close(write_end)
+        os.close(read_end)
+    assert list(tmp_path.iterdir()) == [source]
 
 
 def test_log_file_records_jobs_warnings_and_errors(tmp_path, batch, identity_x2):

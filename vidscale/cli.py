@@ -6,6 +6,7 @@ import argparse
 import os
 import signal
 import sys
+import threading
 import time
 from dataclasses import asdict, replace
 from pathlib import Path
@@ -443,5 +444,17 @@ def _open_log(path: Path) -> EventLog:
                          f"choose a path in a writable directory") from None
 
 
+def entry() -> None:
+    """The command: main(), then exit. A stage thread stuck in a blocking read or write (a quiet
+    input pipe, a stdout reader that stopped reading) cannot be stopped, and the interpreter
+    cannot shut down around it (it would wait on stdout's lock, or crash when the thread wakes):
+    then the process ends at once, its message already written."""
+    status = main()
+    if any(t.name.startswith("vidscale-") and t.is_alive() for t in threading.enumerate()):
+        sys.stderr.flush()
+        os._exit(status)
+    sys.exit(status)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    entry()

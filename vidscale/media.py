@@ -298,6 +298,40 @@ def _label(source) -> str:
     return str(getattr(source, "name", "the input stream"))
 
 
+class _Stopped(Exception):
+    """A KeyboardInterrupt met in FFmpeg's read callback, which passes on only Exceptions."""
+
+    def __init__(self, interrupt: KeyboardInterrupt):
+        super().__init__()
+        self.interrupt = interrupt
+
+
+class _StoppableReader:
+    """A file object FFmpeg reads through its callback. Ctrl-C or a stop signal arriving while the
+    main thread waits in read() (opening a quiet pipe) would be swallowed there ("Exception
+    ignored") and the open would go on waiting; it comes back as a _Stopped instead."""
+
+    def __init__(self, file):
+        self._file = file
+
+    def read(self, size: int) -> bytes:
+        try:
+            return self._file.read(size)
+        except KeyboardInterrupt as exc:
+            raise _Stopped(exc) from None
+
+    def __getattr__(self, name: str):
+        return getattr(self._file, name)
+
+
+@contextmanager
+def _stoppable():
+    try:
+        yield
+    except _Stopped as stopped:
+        raise stopped.interrupt from None
+
+
 def open_input(source) -> av.container.InputContainer:
     """Open `source` for demuxing: a path, "-" for stdin, or a readable binary file object.
 
@@ -308,14 +342,15 @@ def open_input(source) -> av.container.InputContainer:
     """
     label = _label(source)
     if source == "-":
-        file = sys.stdin.buffer
+        file = _StoppableReader(sys.stdin.buffer)
     elif isinstance(source, (str, os.PathLike)):
         check_readable(Path(source))
         file = str(source)
     else:
-        file = source
+        file = _StoppableReader(source)
     try:
-        container = av.open(file, "r")
+        with _stoppable():
+            container = av.open(file, "r")
     except av.error.EOFError as exc:
         raise MediaError(f"{label} is truncated: it ends inside its header; "
                          f"give the complete file") from exc
@@ -450,6 +485,7 @@ class VideoReader:
         self.lost_at_start = 0
         # Timestamps of the video packets decoded before the first picture came out.
         self._before_first: list[int | None] | None = []
+        self._abandoned = False
         self.container = open_input(source)
         try:
             self.stream = _video_stream(self.container, self.label)
@@ -465,11 +501,12 @@ class VideoReader:
             # from a decoded frame, and an undecodable input is better refused at open.
             self._lookahead: list = []
             first = None
-            for event in self._events:
-                self._lookahead.append(event)
-                if isinstance(event, av.VideoFrame):
-                    first = event
-                    break
+            with _stoppable():
+                for event in self._events:
+                    self._lookahead.append(event)
+                    if isinstance(event, av.VideoFrame):
+                        first = event
+                        break
             if first is None:
                 raise MediaError(f"{self.label} holds no decodable video frame; "
                                  f"check that the file is complete")
@@ -489,7 +526,13 @@ class VideoReader:
         self.close()
 
     def close(self) -> None:
-        self.container.close()
+        if not self._abandoned:
+            self.container.close()
+
+    def abandon(self) -> None:
+        """Leave the input open for good: a thread is still inside it (a blocking read of a quiet
+        pipe), and closing it under that thread would crash the process."""
+        self._abandoned = True
 
     def _describe(self, frame: av.VideoFrame) -> VideoInfo:
         stream, ctx = self.stream, self.stream.codec_context
@@ -1163,6 +1206,12 @@ class VideoWriter:
         except BaseException as exc:
             self._abort(exc)
             raise
+
+    def abandon(self) -> None:
+        """Leave the output as it is for good: a thread is still inside it (a blocking write to a
+        reader that stopped reading), and closing it under that thread would crash the process.
+        A temporary file stays, for the next run to the same path to remove."""
+        self._closed = True
 
     def _abort(self, exc: BaseException) -> None:
         """Close everything after a failure; the temporary file is removed, never renamed."""

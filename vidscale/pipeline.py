@@ -217,6 +217,10 @@ class VideoResult:
         return made / self.seconds if self.seconds > 0 else 0.0
 
 
+# How long stage threads get to stop after a failure before they are left where they are.
+_STUCK_SECONDS = 5.0
+
+
 class _Run:
     """Shared state of one run: the first error wins and stops every stage."""
 
@@ -450,6 +454,9 @@ class _Window:
         if start is not None:
             reader.seek(start)
 
+    def abandon(self) -> None:
+        self._reader.abandon()
+
     def holds(self, pts: int) -> bool:
         return (self._start is None or pts >= self._start) and (self._end is None or pts < self._end)
 
@@ -609,10 +616,17 @@ def _run_stages(reader: VideoReader | _Window, writer: VideoWriter | SegmentSink
                 inference.wait_all()  # drain: requests still write into frames we own
             except BaseException:  # noqa: BLE001 - the first error is the one reported
                 pass
+        deadline = time.monotonic() + _STUCK_SECONDS
         for thread in threads:
-            # After a failure the decoder may sit in a blocking read of a pipe that stays quiet;
-            # it is a daemon thread and must not keep the run from reporting the error.
-            thread.join(timeout=None if run.error is None else 5)
+            # After a failure the decoder may sit in a blocking read of a pipe that stays quiet,
+            # the encoder in a blocking write to a reader that stopped reading; they are daemon
+            # threads and must not keep the run from reporting the error.
+            thread.join(timeout=None if run.error is None else max(deadline - time.monotonic(), 0))
+        if any(thread.is_alive() for thread in threads):
+            # Closing their containers under them would crash the process: both stay open, and
+            # the CLI exits without waiting for them (cli.entry).
+            reader.abandon()
+            writer.abandon()
     if run.error is not None:
         raise run.error
     return frames, reused

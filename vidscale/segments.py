@@ -249,6 +249,10 @@ class SegmentSink:
         if self._writer is not None and exc is not None:
             self._writer.__exit__(exc_type, exc, tb)
 
+    def abandon(self) -> None:
+        if self._writer is not None:
+            self._writer.abandon()
+
     def passed(self, indices: range) -> None:
         """Segments complete from an earlier run that decoding starts after (a seek past them)."""
         for index in indices:
