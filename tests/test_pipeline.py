@@ -7,6 +7,7 @@ frames can be checked against their sources; one runs the real realesr-animevide
 import io
 import json
 import os
+import resource
 import subprocess
 import sys
 import threading
@@ -188,6 +189,19 @@ def test_through_real_os_pipes(tmp_path, cache_dir, identity_x2):
     assert done.returncode == 0, done.stderr
     assert done.stdout.split() == ["20", "matroska,webm"]
     assert done.stderr == ""
+
+
+def test_stdout_cut_short_by_a_file_size_limit_fails_the_run(tmp_path, cache_dir, identity_x2):
+    # A write the limit cut short once came back as success: bytes missing mid-file, exit 0.
+    source = make_clip(tmp_path / "in.mkv", frames=40, size=(160, 120), audio=False)
+    with open(tmp_path / "out.mkv", "wb") as out:
+        done = subprocess.run(
+            [sys.executable, "-m", "vidscale", "--cache-dir", str(cache_dir), "upscale", str(source), "-o", "-",
+             "-m", str(identity_x2), "-c:v", "ffv1", "--progress", "none"], stdout=out, stderr=subprocess.PIPE,
+            text=True, timeout=300, preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_FSIZE, (20000, 20000)))
+    assert done.returncode == 5
+    assert done.stderr == ("vidscale: error: stdout grew past the largest file allowed here (File too large); "
+                           "raise the limit (ulimit -f) or write where larger files fit\n")
 
 
 def test_a_closed_stdout_is_a_usage_error(tmp_path, cache_dir, identity_x2):

@@ -786,6 +786,35 @@ class EncoderSettings:
     offered: frozenset[str] = frozenset()
 
 
+class _WholeWrites:
+    """A file descriptor for FFmpeg to write through (stdout): each write is written whole or
+    raises. Through sys.stdout.buffer, a write cut short by a file-size limit or a full disk came
+    back as success, and the output lost bytes from its middle with exit status 0."""
+
+    def __init__(self, fd: int):
+        self._fd = fd
+
+    def write(self, data) -> int:
+        view = memoryview(data)
+        while view:
+            view = view[os.write(self._fd, view):]
+        return len(data)
+
+    def seekable(self) -> bool:
+        # A redirect to a file is; a pipe is not.
+        try:
+            os.lseek(self._fd, 0, os.SEEK_CUR)
+        except OSError:
+            return False
+        return True
+
+    def seek(self, offset: int, whence: int = os.SEEK_SET) -> int:
+        return os.lseek(self._fd, offset, whence)
+
+    def tell(self) -> int:
+        return os.lseek(self._fd, 0, os.SEEK_CUR)
+
+
 def _is_broken_pipe(exc: BaseException) -> bool:
     while exc is not None:
         if isinstance(exc, BrokenPipeError) or getattr(exc, "errno", None) == errno.EPIPE:
@@ -892,7 +921,7 @@ class VideoWriter:
                 options["movflags"] = _FRAGMENTED
             if sys.stdout is None:
                 raise UsageError("stdout is closed, so -o - has nowhere to write; give a file or a pipe")
-            target = sys.stdout.buffer
+            target = _WholeWrites(sys.stdout.fileno())
         else:
             path = Path(destination)
             if fmt is None:
@@ -1237,6 +1266,9 @@ class VideoWriter:
             if code == errno.ENOSPC:
                 raise MediaError(f"no space left on the device writing {self.label}; "
                                  f"free some space and run again") from exc
+            if code == errno.EFBIG:
+                raise MediaError(f"{self.label} grew past the largest file allowed here ({exc.strerror}); "
+                                 f"raise the limit (ulimit -f) or write where larger files fit") from exc
             if code in (errno.EACCES, errno.EPERM, errno.EROFS):
                 raise MediaError(f"cannot write {self.label} ({exc.strerror}); "
                                  f"choose an output in a writable directory") from exc
