@@ -359,6 +359,9 @@ class _Stdout:
     def __init__(self, buffer):
         self.buffer = buffer
 
+    def fileno(self) -> int:
+        return self.buffer.fileno()
+
 
 def _drain(fd, sink):
     with os.fdopen(fd, "rb") as pipe:
