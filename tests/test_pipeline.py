@@ -207,6 +207,20 @@ def test_stdout_cut_short_by_a_file_size_limit_fails_the_run(tmp_path, cache_dir
                            "raise the limit (ulimit -f) or write where larger files fit\n")
 
 
+def test_a_model_cache_that_cannot_take_the_model_is_one_line_and_left_clean(tmp_path, identity_x2):
+    source = make_clip(tmp_path / "in.mkv", frames=2)
+    done = subprocess.run(
+        [sys.executable, "-m", "vidscale", "--cache-dir", str(tmp_path / "cache"), "upscale", str(source), "-o",
+         str(tmp_path / "out.mkv"), "-m", str(identity_x2)], capture_output=True, text=True, timeout=300,
+        preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_FSIZE, (2000, 2000)))
+    assert done.returncode == 4
+    assert done.stderr.startswith(f"vidscale: error: cannot write to the model cache {tmp_path / 'cache' / 'ir'} (")
+    assert done.stderr.endswith("free space there, or give another --cache-dir (or VIDSCALE_CACHE_DIR)\n")
+    assert len(done.stderr.splitlines()) == 1
+    assert [p for p in (tmp_path / "cache").rglob("*") if p.is_file()] == []
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["cache", "in.mkv"]
+
+
 def test_a_closed_stdout_is_a_usage_error(tmp_path, cache_dir, identity_x2):
     source = make_clip(tmp_path / "in.mkv", frames=2)
     command = f"{sys.executable} -m vidscale --cache-dir {cache_dir} upscale {source} -o - -m {identity_x2} >&-"

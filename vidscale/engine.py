@@ -13,6 +13,7 @@ import os
 import threading
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -115,6 +116,20 @@ def ir_path(model, cache_dir: Path) -> Path:
     return cache_dir / "ir" / f"{model.name}-{digest}.xml"
 
 
+@contextmanager
+def cache_writes(tmp: Path):
+    """Writing `tmp` (an IR, .xml and .bin) and renaming it into the cache: a full disk or a
+    file-size limit gives EngineError naming the cache and its fix (OpenVINO itself says only
+    "iostream error"), and the partial files go."""
+    try:
+        yield
+    except (RuntimeError, OSError) as exc:
+        for part in (tmp, tmp.with_suffix(".bin")):
+            part.unlink(missing_ok=True)
+        raise EngineError(f"cannot write to the model cache {tmp.parent} ({_first_line(exc)}); free space "
+                          f"there, or give another --cache-dir (or VIDSCALE_CACHE_DIR)") from exc
+
+
 class Engine:
     """One model on one device at one precision; hands out compiled models by shape.
 
@@ -176,9 +191,10 @@ class Engine:
         # Write beside the target and rename, .bin first: a present .xml means a complete pair even
         # if another process or a crash interrupted a conversion.
         tmp = xml.with_name(f".{xml.stem}.{os.getpid()}.{threading.get_ident()}.xml")
-        ov.save_model(converted, tmp, compress_to_fp16=False)
-        os.replace(tmp.with_suffix(".bin"), xml.with_suffix(".bin"))
-        os.replace(tmp, xml)
+        with cache_writes(tmp):
+            ov.save_model(converted, tmp, compress_to_fp16=False)
+            os.replace(tmp.with_suffix(".bin"), xml.with_suffix(".bin"))
+            os.replace(tmp, xml)
 
     def precision_for(self, sample: str) -> str:
         """The precision a graph for `sample` runs at.

@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 import openvino as ov
 
-from .engine import Engine, core
+from .engine import Engine, cache_writes, core
 from .errors import EngineError, UsageError
 from .tiling import round_up
 
@@ -241,7 +241,8 @@ def _save(model: ov.Model, xml: Path, record: dict) -> None:
     # means a complete set even after a crash or a concurrent run.
     xml.parent.mkdir(parents=True, exist_ok=True)
     tmp = xml.with_name(f".{xml.stem}.{os.getpid()}.{threading.get_ident()}.xml")
-    _write_record(xml.with_suffix(".json"), record)
-    ov.save_model(model, tmp, compress_to_fp16=False)
-    os.replace(tmp.with_suffix(".bin"), xml.with_suffix(".bin"))
-    os.replace(tmp, xml)
+    with cache_writes(tmp):
+        _write_record(xml.with_suffix(".json"), record)
+        ov.save_model(model, tmp, compress_to_fp16=False)
+        os.replace(tmp.with_suffix(".bin"), xml.with_suffix(".bin"))
+        os.replace(tmp, xml)
