@@ -381,3 +381,18 @@ def test_log_file_of_a_failing_upscale(tmp_path, cache_dir, capsys):
     records = [json.loads(line) for line in log.read_text().splitlines()]
     assert [r["event"] for r in records] == ["start", "error"]
     assert records[1]["exit_status"] == 5 and "gone.mkv does not exist" in records[1]["message"]
+
+
+@pytest.mark.parametrize("command", ["upscale", "batch"])
+def test_a_log_file_that_cannot_be_written_is_told_once_and_the_work_goes_on(tmp_path, cache_dir, capsys, identity_x2,
+                                                                            command):
+    source = make_clip(tmp_path / "ep1.mkv", frames=2)
+    where = ["-o", str(tmp_path / "out.mkv")] if command == "upscale" else ["--output-dir", str(tmp_path / "out")]
+    status = main(["--cache-dir", str(cache_dir), command, str(source), *where, "-m", str(identity_x2), *FAST,
+                   "--log-file", "/dev/full"])
+    assert status == 0
+    err = capsys.readouterr().err
+    assert err.count("vidscale: warning: cannot write the log file /dev/full (No space left on device); "
+                     "going on without it\n") == 1
+    assert "Traceback" not in err
+    assert len(list(tmp_path.rglob("*.upscaled.mkv" if command == "batch" else "out.mkv"))) == 1

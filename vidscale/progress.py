@@ -114,20 +114,34 @@ class EventLog:
     (start, end, warning, error, progress...), so a timer's runs can be followed and audited."""
 
     def __init__(self, path: Path):
+        self.path = path
         self._file = open(path, "a", encoding="utf-8")  # noqa: SIM115 - held for the whole run
+        self._broken = False
 
     def write(self, event: str, **fields) -> None:
+        """Append one record. A log that cannot be written (its disk full) is not worth the run:
+        the first failure is told on stderr, and the run goes on without the log."""
+        if self._broken:
+            return
         record = {"time": datetime.now(timezone.utc).isoformat(timespec="milliseconds"), "event": event,
                   **fields}
-        self._file.write(json.dumps(record, default=str) + "\n")
-        self._file.flush()
+        try:
+            self._file.write(json.dumps(record, default=str) + "\n")
+            self._file.flush()
+        except OSError as exc:
+            self._broken = True
+            print(f"vidscale: warning: cannot write the log file {self.path} ({exc.strerror}); "
+                  f"going on without it", file=sys.stderr)
 
     def progress(self, **fields) -> Progress:
         """Periodic progress records (every LOG_INTERVAL seconds and at the end), with `fields`."""
         return _LoggedProgress(self, fields)
 
     def close(self) -> None:
-        self._file.close()
+        try:
+            self._file.close()
+        except OSError:
+            pass  # what was left to write failed, and was told, in write()
 
 
 class _LoggedProgress(JsonProgress):
