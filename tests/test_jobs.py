@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 
 from clips import corrupt_clip, make_clip
+from vidscale import segments
 from vidscale.cli import main
 from vidscale.errors import EXIT_SOME_FAILED
 from vidscale.jobs import BatchReport, jobs_from_file, jobs_from_inputs, settings_digest
@@ -396,3 +397,18 @@ def test_a_log_file_that_cannot_be_written_is_told_once_and_the_work_goes_on(tmp
                      "going on without it\n") == 1
     assert "Traceback" not in err
     assert len(list(tmp_path.rglob("*.upscaled.mkv" if command == "batch" else "out.mkv"))) == 1
+
+
+def test_a_job_another_run_is_making_is_skipped_not_failed(tmp_path, batch, identity_x2):
+    # Two batches of one job file (a timer overlapping its last run): the one that finds a job's
+    # work directory held leaves the job to the run holding it.
+    source = make_clip(tmp_path / "ep1.mkv", frames=20, gop=5)
+    output = tmp_path / "out" / "ep1.upscaled.mkv"
+    output.parent.mkdir()
+    with segments.WorkDir(output, segments.Resume({"input": "held"})):
+        status, err = batch(str(source), "--output-dir", str(tmp_path / "out"), "-m", str(identity_x2), *FAST,
+                            "--segment-seconds", "0.2")
+    assert status == 0, err
+    assert f"skipped, another vidscale run is working on {output}" in err
+    assert "1 jobs: 0 done, 1 skipped, 0 failed" in err
+    assert not output.exists()

@@ -325,7 +325,7 @@ def run_batch(args: argparse.Namespace, log: EventLog | None) -> int:
             text = (f"{result.frames} frames in {result.seconds:.1f} s ({result.fps:.2f} fps) -> {result.output}"
                     + "".join(f"; {note}" for note in _notes(result)))
         elif result.status == "skipped":
-            text = f"skipped, {result.output} is already done"
+            text = f"skipped, {result.error}" if result.error else f"skipped, {result.output} is already done"
         else:
             text = f"failed: {result.error}"
         print(f"{result.input}: {text}", file=sys.stderr)

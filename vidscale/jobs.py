@@ -42,7 +42,7 @@ from .config import RAY_STORAGES, UpscaleSettings, parse_dedup
 from .errors import EXIT_SOME_FAILED, UsageError, VidscaleError
 from .media import OUTPUT_FORMATS, EncoderSettings, check_readable
 from .pipeline import upscale_video
-from .segments import DEFAULT_SEGMENT_SECONDS, Resume
+from .segments import DEFAULT_SEGMENT_SECONDS, Resume, WorkInUse
 from .tiling import parse_tile
 
 DEFAULT_TEMPLATE = "{stem}.upscaled.mkv"
@@ -70,7 +70,8 @@ class Job:
 
 @dataclass(frozen=True)
 class JobResult:
-    """One line of the report. status: done, skipped or failed."""
+    """One line of the report. status: done, skipped (done already, or `error` says which run is
+    making it now) or failed."""
 
     input: str
     output: str
@@ -467,6 +468,9 @@ def run_job(job: Job, overwrite: bool, segment_seconds: float, progress=None) ->
         result = upscale_video(job.source, job.output, job.settings, job.encoder, strict=job.strict,
                                overwrite=overwrite, progress=progress,
                                resume=resume_for(job, segment_seconds), on_commit=sidecar_writer(job))
+    except WorkInUse as exc:
+        # A batch overlapping an earlier one (a timer's runs, two shells): that run makes it.
+        return JobResult(str(job.source), str(job.output), "skipped", error=str(exc))
     except Exception as exc:  # noqa: BLE001 - one broken job must not stop a night's batch
         return failed_result(job, exc)
     return JobResult(str(job.source), str(job.output), "done", frames=result.frames,

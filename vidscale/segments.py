@@ -38,6 +38,10 @@ WORK_SUFFIX = ".vidscale-work"
 _STATE, _LOCK = "state.json", "lock"
 
 
+class WorkInUse(UsageError):
+    """Another run holds the work directory: it is making this output now."""
+
+
 @dataclass(frozen=True)
 class Resume:
     """Run in segments that survive the process. `key` says who the input and settings are (see
@@ -101,7 +105,7 @@ class WorkDir:
             fcntl.flock(self._lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             self._lock.close()
-            raise UsageError(f"another vidscale run is working on {output} (it holds {self.path}); "
+            raise WorkInUse(f"another vidscale run is working on {output} (it holds {self.path}); "
                              f"wait for it to finish") from None
         # Through JSON and back, so the comparison with what a file holds is like for like.
         key = json.loads(json.dumps({**resume.key, "segment_seconds": resume.segment_seconds}))
