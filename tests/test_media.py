@@ -287,6 +287,20 @@ def test_a_temporary_output_left_by_a_killed_run_is_removed_by_the_next(tmp_path
     assert not stale.exists() and running.exists()  # another run's, still going
 
 
+def test_an_output_is_on_disk_before_its_name_and_its_name_before_done(tmp_path, monkeypatch):
+    # So a power cut cannot leave a complete-looking output, record or segment holding garbage.
+    source = make_clip(tmp_path / "in.mkv", frames=1, audio=False)
+    steps = []
+    sync, rename = os.fsync, os.replace
+    monkeypatch.setattr(os, "fsync", lambda fd: steps.append(("sync", os.readlink(f"/proc/self/fd/{fd}"))) or sync(fd))
+    monkeypatch.setattr(os, "replace", lambda a, b: steps.append(("rename", str(b))) or rename(a, b))
+    with VideoReader(source) as reader, VideoWriter(tmp_path / "out.mkv", reader, 128, 96, FAST) as writer:
+        for event in reader.events():
+            writer.write_frame(nearest(event.rgb, 2), event.pts)
+    assert steps == [("sync", str(tmp_path / f".out.mkv.{os.getpid()}.partial")), ("rename", str(tmp_path / "out.mkv")),
+                     ("sync", str(tmp_path))]
+
+
 @pytest.mark.parametrize("output, contents, codec, message", [
     ("out.mp4", {"subtitles": True}, "libx264", "mp4 container cannot carry stream 1 .subtitle, srt."),
     # MPEG-TS and AVI take these and write them as untyped data, or drop them.

@@ -193,10 +193,22 @@ def atomic_output(path: Path, before_rename: Callable[[Path], None] | None = Non
         yield tmp
         if before_rename is not None:
             before_rename(tmp)
+        # On disk before the name points at it, and the new name on disk before we say done: after
+        # a power cut a complete-looking output (or resume segment) could otherwise hold garbage.
+        _sync(tmp)
         os.replace(tmp, path)
+        _sync(path.parent)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+
+
+def _sync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def _alive(pid: int) -> bool:
