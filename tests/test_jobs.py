@@ -186,14 +186,17 @@ def test_the_record_is_written_before_the_output_appears(tmp_path, batch, identi
     source = make_clip(tmp_path / "ep1.mkv", frames=12, gop=3)
     output = tmp_path / "out" / "ep1.upscaled.mkv"
     record_there = []
-    rename = os.replace
 
-    def replace(src, dst):
-        if Path(dst) == output:
-            record_there.append(Path(f"{output}.vidscale.json").is_file())
-        rename(src, dst)
+    def watching(rename):
+        def watched(src, dst):
+            if Path(dst) == output:
+                record_there.append(Path(f"{output}.vidscale.json").is_file())
+            rename(src, dst)
+        return watched
 
-    monkeypatch.setattr(os, "replace", replace)
+    # Without --overwrite the output is linked into place, with it renamed.
+    monkeypatch.setattr(os, "replace", watching(os.replace))
+    monkeypatch.setattr(os, "link", watching(os.link))
     status, err = batch(str(source), "--output-dir", str(tmp_path / "out"), "-m", str(identity_x2), *FAST,
                         "--segment-seconds", segment_seconds)
     assert status == 0, err

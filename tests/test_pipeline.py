@@ -296,6 +296,28 @@ def test_a_failing_stage_stops_everything_and_leaves_no_output(tmp_path, cache_d
     assert not [t for t in threading.enumerate() if t.name.startswith("vidscale-")]
 
 
+@pytest.mark.parametrize("resume", [[], ["--resume", "--segment-seconds", "0.2"]])
+def test_an_output_another_run_wrote_meanwhile_is_kept(tmp_path, run, monkeypatch, resume):
+    source = make_clip(tmp_path / "in.mkv", frames=20, gop=5)
+    output = tmp_path / "out.mkv"
+    original = vidscale.media.VideoWriter.write_frame
+
+    def write_frame(self, *args):
+        if not output.exists():
+            output.write_bytes(b"the other run's episode")
+        original(self, *args)
+
+    monkeypatch.setattr(vidscale.media.VideoWriter, "write_frame", write_frame)
+    status, err = run(str(source), "-o", str(output), *FAST, *resume)
+    assert status == 2
+    assert err == (f"vidscale: error: {output} appeared while this run worked (another run wrote it); it is "
+                   f"kept, pass --overwrite to replace it\n")
+    assert output.read_bytes() == b"the other run's episode"
+    # A resumable run keeps its segments: with --overwrite, the next run only joins them.
+    kept = ["out.mkv.vidscale-work"] if resume else []
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in.mkv", "out.mkv", *kept]
+
+
 def test_an_error_in_an_inference_callback_surfaces_instead_of_aborting(tmp_path, cache_dir, identity_x2,
                                                                         monkeypatch):
     source = make_clip(tmp_path / "in.mkv", frames=20)

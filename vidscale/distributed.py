@@ -409,7 +409,7 @@ class _Driver:
         frames = sum(records[i].frames for i in indices)
         with VideoReader(run.remote.source, strict=run.remote.strict) as reader:
             join_segments(run.remote.output, reader, run.remote.encoder, run.work.encoded(indices), frames,
-                          sidecar_writer(run.remote))
+                          sidecar_writer(run.remote), replace=self.overwrite)
         run.work.remove()
         seconds = time.monotonic() - run.started
         self._finish(run.number, run.job, JobResult(

@@ -177,9 +177,10 @@ def check_output(path: Path, inputs: list[Path], overwrite: bool) -> None:
 
 
 @contextmanager
-def atomic_output(path: Path, before_rename: Callable[[Path], None] | None = None):
+def atomic_output(path: Path, before_rename: Callable[[Path], None] | None = None, replace: bool = True):
     """Yield a temporary path beside `path`; rename it into place only if the block succeeds
-    (and `before_rename`, given the finished temporary file, then does too).
+    (and `before_rename`, given the finished temporary file, then does too). Without `replace`, a
+    file that appeared at `path` meanwhile (another run's) is kept and this one fails.
 
     Temporary files of `path` whose process no longer runs on this machine (killed with SIGKILL,
     or by a power cut) are removed first: an episode's is gigabytes. A live writer of the same
@@ -196,11 +197,30 @@ def atomic_output(path: Path, before_rename: Callable[[Path], None] | None = Non
         # On disk before the name points at it, and the new name on disk before we say done: after
         # a power cut a complete-looking output (or resume segment) could otherwise hold garbage.
         _sync(tmp)
-        os.replace(tmp, path)
+        if replace:
+            os.replace(tmp, path)
+        else:
+            _rename_if_absent(tmp, path)
         _sync(path.parent)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+
+
+def _rename_if_absent(tmp: Path, path: Path) -> None:
+    # A hard link is made only where no file is; the check and the rename are then one step.
+    try:
+        os.link(tmp, path)
+    except FileExistsError:
+        raise UsageError(f"{path} appeared while this run worked (another run wrote it); it is kept, "
+                         f"pass --overwrite to replace it") from None
+    except OSError:  # a filesystem without hard links: a narrow window is left
+        if path.exists():
+            raise UsageError(f"{path} appeared while this run worked (another run wrote it); it is kept, "
+                             f"pass --overwrite to replace it") from None
+        os.replace(tmp, path)
+    else:
+        tmp.unlink()
 
 
 def _sync(path: Path) -> None:
@@ -891,7 +911,7 @@ class VideoWriter:
     def __init__(self, destination, reader: VideoReader, width: int, height: int,
                  encoder: EncoderSettings = EncoderSettings(), *, segment: bool = False,
                  after: tuple[int, int] | None = None, video_template=None,
-                 on_commit: Callable[[Path, int], None] | None = None):
+                 on_commit: Callable[[Path, int], None] | None = None, replace: bool = True):
         self.reader = reader
         self.width, self.height = width, height
         self.frames_written = 0
@@ -908,6 +928,7 @@ class VideoWriter:
         self._stack = ExitStack()
         self._closed = False
         self._on_commit = on_commit
+        self._replace = replace
         try:
             self._open(destination, encoder)
         except BaseException as exc:
@@ -951,7 +972,7 @@ class VideoWriter:
                              f"rate and B-frames come out mistimed); write .mkv or .mp4 instead")
         if destination != "-":
             commit = None if self._on_commit is None else lambda tmp: self._on_commit(tmp, self.frames_written)
-            target = str(self._stack.enter_context(atomic_output(path, commit)))
+            target = str(self._stack.enter_context(atomic_output(path, commit, self._replace)))
         codec = _encoder(settings.codec)
         try:
             self.container = self._stack.enter_context(
@@ -1300,7 +1321,7 @@ class EncodedSegment:
 
 def join_segments(destination: Path, reader: VideoReader, encoder: EncoderSettings,
                   segments: list[EncodedSegment], frames: int,
-                  on_commit: Callable[[Path, int], None] | None = None) -> None:
+                  on_commit: Callable[[Path, int], None] | None = None, replace: bool = True) -> None:
     """Write `destination` from the video packets of `segments`, in order and without
     re-encoding, and every other stream of `reader`'s input copied as a VideoWriter copies them,
     merged by time so the muxer's interleaving buffer stays small. The output is renamed into
@@ -1336,7 +1357,7 @@ def join_segments(destination: Path, reader: VideoReader, encoder: EncoderSettin
     with _open_segment(segments[0].path) as first:
         template = first.streams.video[0]
         writer = VideoWriter(destination, reader, template.width, template.height, encoder,
-                             video_template=template, on_commit=on_commit)
+                             video_template=template, on_commit=on_commit, replace=replace)
     with writer:
         for _, _, upscaled, packet in heapq.merge(video(), others(), key=lambda item: item[:2]):
             if upscaled:

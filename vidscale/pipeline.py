@@ -369,8 +369,10 @@ def upscale_video(source, destination, settings: UpscaleSettings = UpscaleSettin
         out_h, out_w = plan.out_shape
         if resume is not None and _longer_than(reader, resume.segment_seconds):
             return _upscale_in_segments(reader, source, Path(destination), encoder, (out_w, out_h), plan,
-                                        model, progress, settings.dedup, resume, started, strict, on_commit)
-        with VideoWriter(destination, reader, out_w, out_h, encoder, on_commit=on_commit) as writer:
+                                        model, progress, settings.dedup, resume, started, strict, on_commit,
+                                        overwrite)
+        with VideoWriter(destination, reader, out_w, out_h, encoder, on_commit=on_commit,
+                         replace=overwrite) as writer:
             progress.start(reader.expected_frames, reader.label)
             ready = time.monotonic()
             try:
@@ -488,7 +490,7 @@ def _longer_than(reader: VideoReader, seconds: float) -> bool:
 def _upscale_in_segments(reader: VideoReader, source, destination: Path, encoder: EncoderSettings,
                          size: tuple[int, int], plan: TilePlan, model: Upscaler, progress,
                          dedup: float | None, resume: Resume, started: float, strict: bool,
-                         on_commit: Callable[[Path, int], None] | None) -> VideoResult:
+                         on_commit: Callable[[Path, int], None] | None, overwrite: bool) -> VideoResult:
     """upscale_video in segments: those complete from an earlier run are kept, the others are
     upscaled, then all are joined into `destination` and the work directory is removed."""
     out_w, out_h = size
@@ -513,7 +515,8 @@ def _upscale_in_segments(reader: VideoReader, source, destination: Path, encoder
         frames = sink.frames_written
         # A reader of its own: the other streams are copied from the start of the file.
         with VideoReader(source, strict=strict) as again:
-            join_segments(destination, again, encoder, work.encoded(sink.indices), frames, on_commit)
+            join_segments(destination, again, encoder, work.encoded(sink.indices), frames, on_commit,
+                          replace=overwrite)
     work.remove()
     return VideoResult(output=str(destination), frames=frames, seconds=time.monotonic() - started,
                        corrupt_packets=reader.corrupt_packets, retimed_frames=sink.retimed_frames,
