@@ -134,6 +134,7 @@ codec = "ffv1"
 @pytest.mark.parametrize("content, message", [
     ('[[job]]\ninputs = "a.mkv"\ncrf = "high"\n', "crf = 'high' is not a valid value"),
     ('[[job]]\ninputs = "a.mkv"\nspeed = 3\n', "unknown setting speed"),
+    ('[defaults]\nspeed = 3\n[[job]]\ninputs = "a.mkv"\n', "jobs.toml [defaults]: unknown setting speed"),
     ('output_dir = "out"\n', "has no [[job]] entries"),
     ('[[job]\n', "cannot be read"),
     ('segment_seconds = 0\n[[job]]\ninputs = "a.mkv"\n', "segment_seconds = 0 is not valid"),
@@ -415,3 +416,12 @@ def test_a_job_another_run_is_making_is_skipped_not_failed(tmp_path, batch, iden
     assert f"skipped, another vidscale run is working on {output}" in err
     assert "1 jobs: 0 done, 1 skipped, 0 failed" in err
     assert not output.exists()
+
+
+def test_a_log_file_must_be_a_file(tmp_path, cache_dir, capsys):
+    status = main(["--cache-dir", str(cache_dir), "upscale", str(tmp_path / "in.mkv"), "-o", str(tmp_path / "out.mkv"),
+                   "--log-file", "-"])
+    assert status == 2
+    assert capsys.readouterr().err == ("vidscale: error: --log-file takes a file path (stderr carries progress: "
+                                       "--progress json)\n")
+    assert not (tmp_path / "-").exists() and not os.path.exists("-")

@@ -256,9 +256,9 @@ def test_each_encoder_writes_a_readable_stream_and_nothing_on_stderr(tmp_path, c
 def test_unknown_encoder_and_pixel_format_are_refused(tmp_path):
     source = make_clip(tmp_path / "in.mkv", frames=1, audio=False)
     with VideoReader(source) as reader:
-        with pytest.raises(MediaError, match="no video encoder named 'libnope'.*libx264"):
+        with pytest.raises(UsageError, match="no video encoder named 'libnope'.*libx264"):
             VideoWriter(tmp_path / "a.mkv", reader, 64, 48, EncoderSettings(codec="libnope"))
-        with pytest.raises(MediaError, match="libx264 cannot write pixel format rgb565"):
+        with pytest.raises(UsageError, match="libx264 cannot write pixel format rgb565"):
             VideoWriter(tmp_path / "b.mkv", reader, 64, 48, EncoderSettings(pix_fmt="rgb565"))
     assert list(tmp_path.iterdir()) == [source]
 

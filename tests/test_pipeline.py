@@ -7,6 +7,7 @@ frames can be checked against their sources; one runs the real realesr-animevide
 import io
 import json
 import os
+import pty
 import resource
 import subprocess
 import sys
@@ -219,6 +220,20 @@ def test_a_model_cache_that_cannot_take_the_model_is_one_line_and_left_clean(tmp
     assert len(done.stderr.splitlines()) == 1
     assert [p for p in (tmp_path / "cache").rglob("*") if p.is_file()] == []
     assert sorted(p.name for p in tmp_path.iterdir()) == ["cache", "in.mkv"]
+
+
+def test_video_is_never_written_to_a_terminal(tmp_path, cache_dir, identity_x2):
+    source = make_clip(tmp_path / "in.mkv", frames=2)
+    terminal, other_end = pty.openpty()
+    try:
+        done = subprocess.run([sys.executable, "-m", "vidscale", "--cache-dir", str(cache_dir), "upscale", str(source),
+                               "-o", "-", "-m", str(identity_x2)], stdout=other_end, stderr=subprocess.PIPE,
+                              text=True, timeout=300)
+    finally:
+        os.close(terminal)
+        os.close(other_end)
+    assert (done.returncode, done.stderr) == (2, "vidscale: error: -o - would write the video to this terminal; "
+                                                 "redirect stdout (> file.mkv, | a player) or give -o FILE\n")
 
 
 def test_a_closed_stdout_is_a_usage_error(tmp_path, cache_dir, identity_x2):

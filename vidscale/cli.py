@@ -258,6 +258,9 @@ def run_upscale(args: argparse.Namespace, log: EventLog | None) -> int:
     if (args.input is None) == (args.input_option is None):
         raise UsageError("give the input once, as INPUT or -i INPUT (- for stdin)")
     source = args.input if args.input is not None else args.input_option
+    if args.output == "-" and sys.stdout is not None and sys.stdout.isatty():
+        raise UsageError("-o - would write the video to this terminal; redirect stdout (> file.mkv, | a "
+                         "player) or give -o FILE")
     encoder = EncoderSettings(codec=args.codec, crf=args.crf, preset=args.preset, pix_fmt=args.pix_fmt,
                               options=tuple(args.encoder_option), format=args.format)
     where = {"input": source, "output": args.output}
@@ -437,6 +440,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _open_log(path: Path) -> EventLog:
+    if str(path) == "-":
+        raise UsageError("--log-file takes a file path (stderr carries progress: --progress json)")
     try:
         return EventLog(path)
     except OSError as exc:

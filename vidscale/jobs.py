@@ -195,6 +195,7 @@ def jobs_from_file(path: Path, output_dir: Path | None, values: dict, cache_dir:
     `output_dir` and `template` (the command line's) its top-level ones; a job's own still win."""
     document = _read_job_file(path)
     base = path.parent
+    checked_values(document.get("defaults", {}), f"{path} [defaults]")  # named as such, not as job 1
     defaults = {**document.get("defaults", {}), **values}
     top_dir = output_dir or (base / document["output_dir"] if "output_dir" in document else None)
     entries = document.get("job", [])

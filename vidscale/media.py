@@ -862,7 +862,7 @@ def _encoder(name: str) -> av.Codec:
         codec = None
     if codec is None or codec.type != "video":
         available = sorted(n for n in ENCODER_DEFAULTS if n in av.codecs_available)
-        raise MediaError(f"this FFmpeg has no video encoder named {name!r}; "
+        raise UsageError(f"this FFmpeg has no video encoder named {name!r}; "
                          f"available: {', '.join(available)}")
     return codec
 
@@ -877,7 +877,7 @@ def output_pix_fmt(codec: av.Codec | str, settings: EncoderSettings, info: Video
     if pix_fmt is None:
         pix_fmt = "yuv420p10le" if info.deep and "yuv420p10le" in formats else "yuv420p"
     if formats and pix_fmt not in formats:
-        raise MediaError(f"encoder {codec.name} cannot write pixel format {pix_fmt}; "
+        raise UsageError(f"encoder {codec.name} cannot write pixel format {pix_fmt}; "
                          f"it takes {', '.join(formats)}")
     return pix_fmt
 
@@ -1299,6 +1299,9 @@ class VideoWriter:
             if code == errno.ENOSPC:
                 raise MediaError(f"no space left on the device writing {self.label}; "
                                  f"free some space and run again") from exc
+            if code == errno.ENOENT:
+                raise MediaError(f"the folder of {self.label} is gone (removed while this run wrote it); "
+                                 f"make it again and run again") from exc
             if code == errno.EFBIG:
                 raise MediaError(f"{self.label} grew past the largest file allowed here ({exc.strerror}); "
                                  f"raise the limit (ulimit -f) or write where larger files fit") from exc
