@@ -106,7 +106,7 @@ def test_an_output_that_is_not_a_regular_file_is_never_replaced(tmp_path, refuse
 @pytest.mark.parametrize("extra, message", [
     (["-s", "1"], "libx264 cannot write the 65x49 output in yuv420p, which stores colour at half size, "
                   "with an odd side; use --pix-fmt yuv444p"),
-    (["--preset", "bogus"], "encoder libx264 refused its settings (Invalid argument); check --preset"),
+    (["--preset", "bogus"], "encoder libx264 refused its settings (invalid preset 'bogus'); check --preset"),
     (["-x", "cfr=40"], "encoder libx264 does not take cfr; check the spelling of -x options"),
     (["-c:v", "ffv1", "--crf", "18"], "encoder ffv1 does not take crf"),
 ])
@@ -114,6 +114,20 @@ def test_settings_the_encoder_refuses_fail_before_any_frame(tmp_path, refused, m
     source = make_clip(tmp_path / "in.mkv", frames=2, size=(65, 49), codec="ffv1")
     monkeypatch.setattr(VideoWriter, "write_frame", lambda *_: pytest.fail("a frame reached the encoder"))
     refused(source, 2, message, *extra)
+
+
+@pytest.mark.parametrize("codec, extra, reason", [
+    ("libx264", ["--preset", "bogus"], "invalid preset 'bogus'"),
+    ("libx265", ["--crf", "99"], "Valid quality based range: -qpBDOffsetY to 51"),
+])
+def test_an_encoder_s_own_reason_is_in_the_one_line(tmp_path, cache_dir, identity_x2, capfd, codec, extra, reason):
+    # x264 and x265 write why they refuse a setting straight onto stderr, past FFmpeg's log.
+    source = make_clip(tmp_path / "in.mkv", frames=2)
+    status = main(["--cache-dir", str(cache_dir), "upscale", str(source), "-o", str(tmp_path / "out.mkv"),
+                   "-m", str(identity_x2), "-c:v", codec, *extra])
+    assert status == 2
+    assert capfd.readouterr().err == (f"vidscale: error: encoder {codec} refused its settings ({reason}); check "
+                                      f"--preset, --crf, -x and --pix-fmt\n")
 
 
 class _FailingMux:

@@ -7,7 +7,9 @@ import glob
 import heapq
 import itertools
 import os
+import re
 import sys
+import tempfile
 from collections.abc import Callable
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
@@ -847,6 +849,37 @@ class _WholeWrites:
         return os.lseek(self._fd, 0, os.SEEK_CUR)
 
 
+class _LibraryStderr:
+    """What C libraries wrote on file descriptor 2 themselves (x264, x265 and SVT-AV1 print the
+    reason they refuse a setting there, past FFmpeg's log), read back once they are done."""
+
+    def __init__(self):
+        self.text = ""
+
+    def last_line(self) -> str:
+        lines = [line.strip() for line in self.text.splitlines() if line.strip()]
+        # "x264 [error]: invalid preset 'nosuch'" -> "invalid preset 'nosuch'"
+        return re.sub(r"^\S+ ?\[\w+\]: *", "", lines[-1]) if lines else ""
+
+
+@contextmanager
+def _library_stderr():
+    """Capture fd 2 while inside: a library's own line belongs in vidscale's one-line error, not
+    above it."""
+    sys.stderr.flush()
+    said = _LibraryStderr()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile() as capture:
+        os.dup2(capture.fileno(), 2)
+        try:
+            yield said
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+            capture.seek(0)
+            said.text = capture.read().decode(errors="replace")
+
+
 def _is_broken_pipe(exc: BaseException) -> bool:
     while exc is not None:
         if isinstance(exc, BrokenPipeError) or getattr(exc, "errno", None) == errno.EPIPE:
@@ -1071,17 +1104,24 @@ class VideoWriter:
     def _open_encoder(self, ctx, codec: av.Codec, pix_fmt: str) -> None:
         """Open the encoder now rather than at the first frame, so that settings it refuses fail
         before any work is done, with a message about the settings rather than the disk."""
-        try:
-            ctx.open()
-        except av.FFmpegError as exc:
-            # Some encoders (FFV1, VP9) take odd sizes with half-size colour; x264 and x265 do not.
-            chroma = av.VideoFormat(pix_fmt, self.width, self.height).components[-1]
-            if (chroma.width, chroma.height) != (self.width, self.height) and (self.width % 2 or self.height % 2):
-                raise UsageError(f"{codec.name} cannot write the {self.width}x{self.height} output in "
-                                 f"{pix_fmt}, which stores colour at half size, with an odd side; use "
-                                 f"--pix-fmt yuv444p, or a scale that makes both sides even") from exc
-            raise UsageError(f"encoder {codec.name} refused its settings ({exc.strerror}); check "
-                             f"--preset, --crf, -x and --pix-fmt") from exc
+        with _library_stderr() as said:
+            try:
+                ctx.open()
+                failure = None
+            except av.FFmpegError as exc:
+                failure = exc
+        if failure is None:
+            sys.stderr.write(said.text)  # not a refusal: passed on as the library wrote it
+            return
+        # Some encoders (FFV1, VP9) take odd sizes with half-size colour; x264 and x265 do not.
+        chroma = av.VideoFormat(pix_fmt, self.width, self.height).components[-1]
+        if (chroma.width, chroma.height) != (self.width, self.height) and (self.width % 2 or self.height % 2):
+            raise UsageError(f"{codec.name} cannot write the {self.width}x{self.height} output in "
+                             f"{pix_fmt}, which stores colour at half size, with an odd side; use "
+                             f"--pix-fmt yuv444p, or a scale that makes both sides even") from failure
+        reason = said.last_line() or failure.strerror
+        raise UsageError(f"encoder {codec.name} refused its settings ({reason}); check "
+                         f"--preset, --crf, -x and --pix-fmt") from failure
 
     def _tag_video(self, stream, source):
         stream.metadata.update({k: v for k, v in source.metadata.items()
