@@ -236,6 +236,15 @@ def test_video_is_never_written_to_a_terminal(tmp_path, cache_dir, identity_x2):
                                                  "redirect stdout (> file.mkv, | a player) or give -o FILE\n")
 
 
+def test_a_closed_stderr_puts_nothing_into_the_video_on_stdout(tmp_path, cache_dir, identity_x2):
+    source = make_clip(tmp_path / "in.mkv", frames=2)
+    command = (f"{sys.executable} -m vidscale --cache-dir {cache_dir} upscale {source} -o - -m {identity_x2} "
+               f"-c:v ffv1 2>&- > {tmp_path / 'out.mkv'}")
+    assert subprocess.run(["bash", "-c", command], timeout=300).returncode == 0
+    assert len(decoded(tmp_path / "out.mkv")) == 2  # the summary line went nowhere, not into the file
+    assert (tmp_path / "out.mkv").read_bytes()[:4] == b"\x1aE\xdf\xa3"
+
+
 def test_a_closed_stdout_is_a_usage_error(tmp_path, cache_dir, identity_x2):
     source = make_clip(tmp_path / "in.mkv", frames=2)
     command = f"{sys.executable} -m vidscale --cache-dir {cache_dir} upscale {source} -o - -m {identity_x2} >&-"

@@ -404,6 +404,9 @@ def run_image(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    if sys.stderr is None:
+        # Started with stderr closed (2>&-): print() would fall back to stdout, into the video.
+        sys.stderr = open(os.devnull, "w")  # noqa: SIM115 - for the life of the process
     parser = build_parser()
     args = parser.parse_args(argv)
     log = None

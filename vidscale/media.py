@@ -866,9 +866,13 @@ class _LibraryStderr:
 def _library_stderr():
     """Capture fd 2 while inside: a library's own line belongs in vidscale's one-line error, not
     above it."""
-    sys.stderr.flush()
     said = _LibraryStderr()
-    saved = os.dup(2)
+    try:
+        sys.stderr.flush()
+        saved = os.dup(2)
+    except (AttributeError, OSError):  # stderr closed (2>&-): nothing to keep clean
+        yield said
+        return
     with tempfile.TemporaryFile() as capture:
         os.dup2(capture.fileno(), 2)
         try:
@@ -1111,7 +1115,8 @@ class VideoWriter:
             except av.FFmpegError as exc:
                 failure = exc
         if failure is None:
-            sys.stderr.write(said.text)  # not a refusal: passed on as the library wrote it
+            if said.text:  # not a refusal: passed on as the library wrote it
+                sys.stderr.write(said.text)
             return
         # Some encoders (FFV1, VP9) take odd sizes with half-size colour; x264 and x265 do not.
         chroma = av.VideoFormat(pix_fmt, self.width, self.height).components[-1]
