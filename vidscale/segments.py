@@ -106,7 +106,7 @@ class WorkDir:
         except BlockingIOError:
             self._lock.close()
             raise WorkInUse(f"another vidscale run is working on {output} (it holds {self.path}); "
-                             f"wait for it to finish") from None
+                            f"wait for it to finish") from None
         # Through JSON and back, so the comparison with what a file holds is like for like.
         key = json.loads(json.dumps({**resume.key, "segment_seconds": resume.segment_seconds}))
         try:
