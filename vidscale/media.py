@@ -214,15 +214,16 @@ def _rename_if_absent(tmp: Path, path: Path) -> None:
     try:
         os.link(tmp, path)
     except FileExistsError:
-        raise UsageError(f"{path} appeared while this run worked (another run wrote it); it is kept, "
-                         f"pass --overwrite to replace it") from None
+        pass
     except OSError:  # a filesystem without hard links: a narrow window is left
-        if path.exists():
-            raise UsageError(f"{path} appeared while this run worked (another run wrote it); it is kept, "
-                             f"pass --overwrite to replace it") from None
-        os.replace(tmp, path)
+        if not path.exists():
+            os.replace(tmp, path)
+            return
     else:
         tmp.unlink()
+        return
+    raise UsageError(f"{path} appeared while this run worked (another run wrote it); it is kept, "
+                     f"pass --overwrite to replace it")
 
 
 def _sync(path: Path) -> None:
