@@ -425,8 +425,7 @@ def _video_stream(container, label: str):
     if fmt in ("image2", "image2pipe") or fmt.endswith("_pipe"):
         raise MediaError(f"{label} is a still image, not a video; "
                          f"use `vidscale image` to upscale pictures")
-    videos = [s for s in container.streams.video
-              if not s.disposition & av.stream.Disposition.attached_pic]
+    videos = [s for s in container.streams.video if not _is_attached_picture(s)]
     if not videos:
         kinds = sorted({s.type for s in container.streams}) or ["no streams"]
         raise MediaError(f"{label} has no video stream (only {', '.join(kinds)}); "
