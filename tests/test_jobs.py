@@ -12,6 +12,8 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
+import av
+import numpy as np
 import pytest
 
 from clips import corrupt_clip, make_clip
@@ -59,6 +61,34 @@ def test_a_second_run_skips_every_job_already_done(tmp_path, batch, identity_x2)
     assert (second["done"], second["skipped"], second["failed"]) == (0, 2, 0)
     assert "2 jobs: 0 done, 2 skipped, 0 failed" in err
     assert snapshot(out) == written
+
+
+def test_an_input_touched_but_unchanged_is_skipped_one_repaired_in_the_middle_is_not(tmp_path, batch, identity_x2):
+    # Larger than the first and last MiB the cheap fingerprint hashes: noise does not compress.
+    source = tmp_path / "ep1.mkv"
+    rng = np.random.default_rng(5)
+    with av.open(str(source), "w") as clip:
+        video = clip.add_stream("ffv1", rate=25)
+        video.width, video.height, video.pix_fmt = 320, 240, "yuv420p"
+        for index in range(30):
+            noise = av.VideoFrame.from_ndarray(rng.integers(0, 256, (240, 320, 3), dtype=np.uint8), format="rgb24")
+            frame = noise.reformat(format="yuv420p")
+            frame.pts = index
+            clip.mux(video.encode(frame))
+        clip.mux(video.encode())
+    assert source.stat().st_size > 3 * 2**20, "the middle must lie outside the hashed ends"
+    out = tmp_path / "out"
+    args = [str(source), "--output-dir", str(out), "-m", str(identity_x2), "-c:v", "ffv1", "--progress", "none"]
+    assert batch(*args)[0] == 0
+    os.utime(source, ns=(10**18, 10**18))  # copied or restored without its mtime
+    status, err = batch(*args)
+    assert status == 0 and "1 jobs: 0 done, 1 skipped" in err, err
+    data = bytearray(source.read_bytes())
+    middle = len(data) // 2
+    data[middle] ^= 0xFF  # a re-checked download repaired a byte: same size, same ends
+    source.write_bytes(bytes(data))
+    status, err = batch(*args)
+    assert status == EXIT_SOME_FAILED and "already exists; pass --overwrite" in err, err
 
 
 def test_a_changed_input_is_not_skipped_and_its_old_output_is_kept_without_overwrite(tmp_path, batch, identity_x2):

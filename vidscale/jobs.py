@@ -305,6 +305,26 @@ def fingerprint(path: Path) -> dict:
     return {"size": stat.st_size, "mtime_ns": stat.st_mtime_ns, "sha256_ends": digest.hexdigest()}
 
 
+def content_digest(path: Path) -> str:
+    """The SHA-256 of the whole file: seconds for an episode, read once when its job is done."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as file:
+        while chunk := file.read(_FINGERPRINT_BYTES):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _same_input(recorded: dict, source: Path) -> bool:
+    """Whether `source` is the input a record was made from. A changed mtime alone (a copy or a
+    restore that did not keep it) is checked against the whole content, which a repaired middle
+    (a re-checked download) changes where size and ends do not."""
+    now = fingerprint(source)
+    if recorded["input"] == now:
+        return True
+    same_ends = all(recorded["input"][key] == now[key] for key in ("size", "sha256_ends"))
+    return same_ends and "content_sha256" in recorded and recorded["content_sha256"] == content_digest(source)
+
+
 def settings_digest(job: Job) -> str:
     """Everything that changes the output's content. A model or calibration given as a file counts
     by content, not by path (a Ray run names them by absolute path, a local one maybe not)."""
@@ -334,8 +354,8 @@ def is_done(job: Job) -> bool:
     try:
         state = json.loads(sidecar_path(job.output).read_text())
         return (job.output.stat().st_size == state["output_size"]
-                and state["input"] == fingerprint(job.source)
-                and state["settings"] == settings_digest(job))
+                and state["settings"] == settings_digest(job)
+                and _same_input(state, job.source))
     except (OSError, ValueError, KeyError, TypeError):
         return False
 
@@ -347,8 +367,9 @@ def sidecar_writer(job: Job):
     without --overwrite)."""
 
     def write(finished: Path, frames: int) -> None:
-        state = {"input": fingerprint(job.source), "settings": settings_digest(job), "frames": frames,
-                 "output_size": finished.stat().st_size, "source": str(job.source)}
+        state = {"input": fingerprint(job.source), "content_sha256": content_digest(job.source),
+                 "settings": settings_digest(job), "frames": frames, "output_size": finished.stat().st_size,
+                 "source": str(job.source)}
         _write_atomically(sidecar_path(job.output), json.dumps(state, indent=2) + "\n")
 
     return write
