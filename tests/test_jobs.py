@@ -17,10 +17,12 @@ import numpy as np
 import pytest
 
 from clips import corrupt_clip, make_clip
+from vidscale import jobs as jobs_module
 from vidscale import segments
 from vidscale.cli import main
 from vidscale.errors import EXIT_SOME_FAILED
-from vidscale.jobs import BatchReport, jobs_from_file, jobs_from_inputs, settings_digest
+from vidscale.jobs import (BatchInterrupted, BatchReport, JobResult, jobs_from_file, jobs_from_inputs, run_jobs,
+                           settings_digest)
 
 FAST = ["-c:v", "libx264", "--preset", "ultrafast", "--progress", "none"]
 
@@ -455,3 +457,20 @@ def test_a_log_file_must_be_a_file(tmp_path, cache_dir, capsys):
     assert capsys.readouterr().err == ("vidscale: error: --log-file takes a file path (stderr carries progress: "
                                        "--progress json)\n")
     assert not (tmp_path / "-").exists() and not os.path.exists("-")
+
+
+def test_a_stopped_batch_reports_the_jobs_it_did_not_start(tmp_path, monkeypatch):
+    jobs = jobs_from_inputs([str(make_clip(tmp_path / f"ep{n}.mkv", frames=2)) for n in (1, 2, 3)],
+                            tmp_path / "out", None, {}, None)
+
+    def stopped_at_the_second(job, *_):
+        if job.source.name == "ep2.mkv":
+            raise KeyboardInterrupt
+        return JobResult(str(job.source), str(job.output), "done")
+
+    monkeypatch.setattr(jobs_module, "run_job", stopped_at_the_second)
+    with pytest.raises(BatchInterrupted) as stop:
+        run_jobs(jobs)
+    assert [(Path(r.input).name, r.status, r.error) for r in stop.value.report.results] == [
+        ("ep1.mkv", "done", None), ("ep2.mkv", "failed", "interrupted"),
+        ("ep3.mkv", "failed", "not run: the batch was stopped")]

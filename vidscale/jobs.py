@@ -429,7 +429,7 @@ def run_jobs(jobs: list[Job], *, overwrite: bool = False, segment_seconds: float
     """
     report = BatchReport([])
     started = time.monotonic()
-    for job in jobs:
+    for number, job in enumerate(jobs):
         if is_done(job):
             result = JobResult(str(job.source), str(job.output), "skipped")
         else:
@@ -437,7 +437,10 @@ def run_jobs(jobs: list[Job], *, overwrite: bool = False, segment_seconds: float
             try:
                 result = run_job(job, overwrite, segment_seconds, progress(job))
             except KeyboardInterrupt as exc:
-                report.results.append(interrupted_result(job))
+                # Every job in the report, those the stop kept from starting too.
+                report.results += [interrupted_result(job)] + [
+                    JobResult(str(later.source), str(later.output), "failed", error="not run: the batch was stopped")
+                    for later in jobs[number + 1:]]
                 report.seconds, report.interrupted = time.monotonic() - started, True
                 raise BatchInterrupted(report, exc) from exc
         report.results.append(result)
