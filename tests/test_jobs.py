@@ -296,6 +296,15 @@ def test_a_report_path_that_cannot_be_written_is_refused_before_any_job(tmp_path
     assert not (tmp_path / "out").exists()
 
 
+def test_a_report_path_that_is_not_a_regular_file_is_refused_not_replaced(tmp_path, batch):
+    source = make_clip(tmp_path / "ep1.mkv", frames=2)
+    os.mkfifo(tmp_path / "report.fifo")  # as a device such as /dev/full would be: renamed over
+    status, err = batch(str(source), "--output-dir", str(tmp_path / "out"), "--report", str(tmp_path / "report.fifo"))
+    assert (status, err) == (2, f"vidscale: error: --report {tmp_path / 'report.fifo'} is not a regular file; "
+                                f"give a file path\n")
+    assert (tmp_path / "report.fifo").is_fifo()
+
+
 def test_a_report_that_cannot_be_written_at_the_end_is_one_line_after_the_jobs(tmp_path, batch, identity_x2,
                                                                                monkeypatch):
     source = make_clip(tmp_path / "ep1.mkv", frames=2)
@@ -387,6 +396,33 @@ def test_a_signal_stops_a_run_still_opening_a_quiet_stdin(tmp_path, cache_dir, i
         os.close(write_end)
         os.close(read_end)
     assert list(tmp_path.iterdir()) == [source]
+
+
+def test_a_signal_while_stdin_stalls_mid_run_leaves_no_temporary_output(tmp_path, cache_dir, identity_x2):
+    # The decoder sits in a read nothing can end; the output, which no thread is inside, still
+    # goes as a stopped run's does.
+    # Long enough that half of it is past what FFmpeg reads (5 s) to open the input.
+    source = make_clip(tmp_path / "long.mkv", frames=600, size=(128, 96), audio=False)
+    out = tmp_path / "out"
+    out.mkdir()
+    read_end, write_end = os.pipe()
+    process = subprocess.Popen(
+        [sys.executable, "-m", "vidscale", "--cache-dir", str(cache_dir), "upscale", "-", "-o", str(out / "o.mkv"),
+         "-m", str(identity_x2), "-c:v", "ffv1", "--progress", "json"], stdin=read_end, stderr=subprocess.PIPE,
+        text=True)
+    try:
+        data = source.read_bytes()
+        os.write(write_end, data[:len(data) // 2])  # then the producer goes quiet
+        json.loads(process.stderr.readline())  # frames are flowing
+        time.sleep(1)
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(timeout=60) == 143
+        assert process.stderr.read().splitlines()[-1] == "vidscale: terminated"
+    finally:
+        process.kill()
+        os.close(write_end)
+        os.close(read_end)
+    assert list(out.iterdir()) == []
 
 
 def test_log_file_records_jobs_warnings_and_errors(tmp_path, batch, identity_x2):

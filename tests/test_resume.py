@@ -1,6 +1,7 @@
 """Resumable runs: segments cut at source keyframes, kept beside the output, joined without
 re-encoding; a run killed with SIGKILL goes on from its last complete segment when run again."""
 
+import fcntl
 import json
 import signal
 import subprocess
@@ -283,3 +284,25 @@ def test_a_whole_run_removes_the_work_a_stopped_resumable_run_left(tmp_path, run
     status, err = run("upscale", str(source), "-o", str(target), *LOSSLESS, "--overwrite")
     assert status == 0, err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["in.mkv", "out.mkv"]
+
+
+def test_the_work_directory_goes_while_its_lock_is_held(tmp_path, run, monkeypatch):
+    # Released first, another run could take the directory and have it vanish under it.
+    source = make_clip(tmp_path / "in.mkv", frames=20, gop=5)
+    held = []
+    remove = segments.WorkDir.remove
+
+    def checked(work):
+        with open(work.path / "lock") as other:
+            try:
+                fcntl.flock(other, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                held.append(False)
+            except BlockingIOError:
+                held.append(True)
+        remove(work)
+
+    monkeypatch.setattr(segments.WorkDir, "remove", checked)
+    status, err = run("upscale", str(source), "-o", str(tmp_path / "out.mkv"), *LOSSLESS, "--resume",
+                      "--segment-seconds", "0.2")
+    assert status == 0, err
+    assert held == [True]

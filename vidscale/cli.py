@@ -304,6 +304,10 @@ def run_batch(args: argparse.Namespace, log: EventLog | None) -> int:
     if args.report is not None and (args.report.is_dir() or not args.report.parent.is_dir()):
         raise UsageError(f"--report {args.report} cannot be written (a directory, or in a folder that "
                          f"does not exist); give a file path in an existing folder")
+    if args.report is not None and args.report.exists() and not args.report.is_file():
+        # The report is renamed into place, which would put a file where a device (/dev/full,
+        # /dev/null, run as root) or a FIFO was.
+        raise UsageError(f"--report {args.report} is not a regular file; give a file path")
     in_file = RunOptions()
     if len(args.inputs) == 1 and args.inputs[0].endswith(".toml"):
         jobs = jobs_from_file(Path(args.inputs[0]), args.output_dir, values, args.cache_dir, args.template)

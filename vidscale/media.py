@@ -966,6 +966,7 @@ class VideoWriter:
         self._closed = False
         self._on_commit = on_commit
         self._replace = replace
+        self._partial: Path | None = None
         try:
             self._open(destination, encoder)
         except BaseException as exc:
@@ -1009,7 +1010,8 @@ class VideoWriter:
                              f"rate and B-frames come out mistimed); write .mkv or .mp4 instead")
         if destination != "-":
             commit = None if self._on_commit is None else lambda tmp: self._on_commit(tmp, self.frames_written)
-            target = str(self._stack.enter_context(atomic_output(path, commit, self._replace)))
+            self._partial = self._stack.enter_context(atomic_output(path, commit, self._replace))
+            target = str(self._partial)
         codec = _encoder(settings.codec)
         try:
             self.container = self._stack.enter_context(
@@ -1315,10 +1317,12 @@ class VideoWriter:
             raise
 
     def abandon(self) -> None:
-        """Leave the output as it is for good: a thread is still inside it (a blocking write to a
+        """Leave the output open for good: a thread is still inside it (a blocking write to a
         reader that stopped reading), and closing it under that thread would crash the process.
-        A temporary file stays, for the next run to the same path to remove."""
+        A temporary file is unlinked all the same; the thread's writes go nowhere."""
         self._closed = True
+        if self._partial is not None:
+            self._partial.unlink(missing_ok=True)
 
     def _abort(self, exc: BaseException) -> None:
         """Close everything after a failure; the temporary file is removed, never renamed."""

@@ -517,7 +517,8 @@ def _upscale_in_segments(reader: VideoReader, source, destination: Path, encoder
         with VideoReader(source, strict=strict) as again:
             join_segments(destination, again, encoder, work.encoded(sink.indices), frames, on_commit,
                           replace=overwrite)
-    work.remove()
+        # Under its lock: a run that took the directory in between would see it vanish mid-run.
+        work.remove()
     return VideoResult(output=str(destination), frames=frames, seconds=time.monotonic() - started,
                        corrupt_packets=reader.corrupt_packets, retimed_frames=sink.retimed_frames,
                        reused_frames=reused, resumed_frames=sink.resumed_frames, setup_seconds=ready - started,
@@ -625,10 +626,12 @@ def _run_stages(reader: VideoReader | _Window, writer: VideoWriter | SegmentSink
             # the encoder in a blocking write to a reader that stopped reading; they are daemon
             # threads and must not keep the run from reporting the error.
             thread.join(timeout=None if run.error is None else max(deadline - time.monotonic(), 0))
-        if any(thread.is_alive() for thread in threads):
-            # Closing their containers under them would crash the process: both stay open, and
-            # the CLI exits without waiting for them (cli.entry).
+        decoding, encoding = (thread.is_alive() for thread in threads)
+        # Closing a container under a thread stuck in it would crash the process: it stays open,
+        # and the CLI exits without waiting for the thread (cli.entry).
+        if decoding:
             reader.abandon()
+        if encoding:
             writer.abandon()
     if run.error is not None:
         raise run.error
