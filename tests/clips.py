@@ -32,7 +32,7 @@ def make_clip(path, *, frames=6, size=(64, 48), pts=None, durations=None, time_b
     None for an untagged BT.601 limited picture; `gop`: the keyframe interval; `options`: more
     encoder options (libx264's preset is ultrafast: no B-frames); `audio`: an AAC and a FLAC
     track, or "aac" for the AAC one alone; `durations`: each frame's (else the muxer's 1/25 s);
-    `picture`: PNG bytes attached (Matroska) or as cover art."""
+    `picture`: an 8x6 PNG's bytes, attached (Matroska) or as cover art."""
     width, height = size
     pts = list(range(0, frames * 40, 40)) if pts is None else pts
     with av.open(str(path), "w", format=fmt) as out:
