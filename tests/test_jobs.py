@@ -359,6 +359,16 @@ def test_a_signal_stops_the_run_cleanly_and_leaves_nothing(tmp_path, cache_dir, 
         assert [(j["status"], j["error"]) for j in report["jobs"]] == [("failed", "interrupted")]
 
 
+def _terminate_once_frames_flow(process: subprocess.Popen) -> None:
+    """SIGTERM a run with --progress json once its first progress line shows frames flowing; it
+    must stop as a terminated run does."""
+    json.loads(process.stderr.readline())
+    time.sleep(1)
+    process.send_signal(signal.SIGTERM)
+    assert process.wait(timeout=60) == 143
+    assert process.stderr.read().splitlines()[-1] == "vidscale: terminated"
+
+
 def test_a_signal_stops_a_run_whose_stdout_reader_stopped_reading(tmp_path, cache_dir, identity_x2):
     # The encoder thread then sits in a blocking write that nothing can end; the run must still
     # stop, and not crash when the reader wakes up.
@@ -368,11 +378,7 @@ def test_a_signal_stops_a_run_whose_stdout_reader_stopped_reading(tmp_path, cach
          "-m", str(identity_x2), "-c:v", "ffv1", "--progress", "json"],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
-        json.loads(process.stderr.readline())  # frames are flowing into a pipe nobody reads
-        time.sleep(1)
-        process.send_signal(signal.SIGTERM)
-        assert process.wait(timeout=60) == 143
-        assert process.stderr.read().splitlines()[-1] == "vidscale: terminated"
+        _terminate_once_frames_flow(process)  # into a pipe nobody reads
     finally:
         process.kill()
 
@@ -413,11 +419,7 @@ def test_a_signal_while_stdin_stalls_mid_run_leaves_no_temporary_output(tmp_path
     try:
         data = source.read_bytes()
         os.write(write_end, data[:len(data) // 2])  # then the producer goes quiet
-        json.loads(process.stderr.readline())  # frames are flowing
-        time.sleep(1)
-        process.send_signal(signal.SIGTERM)
-        assert process.wait(timeout=60) == 143
-        assert process.stderr.read().splitlines()[-1] == "vidscale: terminated"
+        _terminate_once_frames_flow(process)
     finally:
         process.kill()
         os.close(write_end)
