@@ -306,3 +306,26 @@ def test_the_work_directory_goes_while_its_lock_is_held(tmp_path, run, monkeypat
                       "--segment-seconds", "0.2")
     assert status == 0, err
     assert held == [True]
+
+
+@pytest.mark.parametrize("damage", ["cut short", "unreadable"])
+def test_a_damaged_complete_segment_is_done_again(tmp_path, run, monkeypatch, damage):
+    source = make_clip(tmp_path / "in.mkv", frames=20, gop=5, subtitles=True)
+    target = tmp_path / "out.mkv"
+    command = ["upscale", str(source), "-o", str(target), *LOSSLESS, "--resume", "--segment-seconds", "0.2"]
+
+    def stopped(*_, **__):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(pipeline, "join_segments", stopped)
+    assert run(*command)[0] == 130
+    monkeypatch.undo()
+    segment = segments.work_dir_for(target) / "segment-00002.mkv"
+    data = segment.read_bytes()
+    segment.write_bytes(data[:len(data) * 2 // 3] if damage == "cut short" else bytes(len(data)))
+    status, err = run(*command)
+    assert status == 0, err
+    assert "15 frames resumed from an earlier run" in err
+    whole = tmp_path / "whole.mkv"
+    assert run("upscale", str(source), "-o", str(whole), *LOSSLESS)[0] == 0
+    assert_same_output(target, whole)

@@ -415,6 +415,16 @@ def keyframe_pts(path: Path) -> list[int]:
                              f"check that the file is complete") from exc
 
 
+def video_packet_count(path: Path) -> int | None:
+    """How many video packets `path` holds, read without decoding; None when it cannot be read.
+    A file cut short holds fewer than were written into it."""
+    try:
+        with av.open(str(path)) as container:
+            return sum(1 for p in container.demux(video=0) if p.size)
+    except (av.FFmpegError, IndexError):  # IndexError: no video stream
+        return None
+
+
 def _is_attached_picture(stream) -> bool:
     return stream.type == "video" and bool(stream.disposition & av.stream.Disposition.attached_pic)
 

@@ -14,7 +14,7 @@ The work directory, `<output>.vidscale-work/`:
                         frame count matched: first pts, frames, exact packet timestamps, headers
 
 A segment file without a record and temporary files are what a stopped run left: deleted, and
-the segment is done again. Segments start at keyframe packets of the source (the first, then the
+the segment is done again, as is one that holds fewer packets than its record says (damaged). Segments start at keyframe packets of the source (the first, then the
 first at least `segment_seconds` after the current segment's start; see segment_starts), read
 from the file before decoding, so every run over the same input, and every machine upscaling one
 segment of it on its own (distributed.py), cuts in the same places.
@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Callable
 
 from .errors import MediaError, UsageError
-from .media import EncodedSegment, VideoFrame, VideoWriter, atomic_output, keyframe_pts
+from .media import EncodedSegment, VideoFrame, VideoWriter, atomic_output, keyframe_pts, video_packet_count
 
 DEFAULT_SEGMENT_SECONDS = 60.0
 WORK_SUFFIX = ".vidscale-work"
@@ -138,7 +138,10 @@ class WorkDir:
                 record = SegmentRecord.from_json(path.read_text())
             except (OSError, ValueError, KeyError, TypeError):
                 continue  # unreadable: the segment is done again
-            if self._record_path(record.index) == path and self.segment_path(record.index).is_file():
+            # A segment file that lost its end or cannot be read (a disk fault, a copy cut
+            # short) is done again rather than failing the join on every run.
+            if (self._record_path(record.index) == path
+                    and video_packet_count(self.segment_path(record.index)) == len(record.packets)):
                 records[record.index] = record
         keep = {_STATE, _LOCK} | {p.name for i in records
                                   for p in (self.segment_path(i), self._record_path(i))}
