@@ -359,6 +359,27 @@ def test_a_signal_stops_the_run_cleanly_and_leaves_nothing(tmp_path, cache_dir, 
         assert [(j["status"], j["error"]) for j in report["jobs"]] == [("failed", "interrupted")]
 
 
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+def test_a_signal_after_the_run_reported_success_leaves_its_exit_status_0(tmp_path, cache_dir, identity_x2, signum):
+    # The interpreter's teardown after the summary line takes most of a second, long enough for
+    # a scheduler's stop to land in it; the output is complete by then and must be called so.
+    source = make_clip(tmp_path / "in.mkv", frames=4, size=(64, 48), audio=False)
+    process = subprocess.Popen(
+        [sys.executable, "-m", "vidscale", "--cache-dir", str(cache_dir), "upscale", str(source), "-o",
+         str(tmp_path / "out.mkv"), "-m", str(identity_x2), "--progress", "none"],
+        stderr=subprocess.PIPE, text=True, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    try:
+        summary = process.stderr.readline()
+        assert "4 frames in" in summary
+        time.sleep(0.05)
+        process.send_signal(signum)
+        assert process.wait(timeout=60) == 0, process.stderr.read()
+    finally:
+        process.kill()
+    assert process.stderr.read() == ""
+    assert (tmp_path / "out.mkv").is_file()
+
+
 def _terminate_once_frames_flow(process: subprocess.Popen) -> None:
     """SIGTERM a run with --progress json once its first progress line shows frames flowing; it
     must stop as a terminated run does."""

@@ -407,7 +407,9 @@ def run_image(args: argparse.Namespace) -> int:
     return 0
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, *, exiting: bool = False) -> int:
+    """Run the command line `argv` (sys.argv's) and give its exit status. `exiting`: the process
+    ends when this returns, so stop signals are left ignored rather than restored."""
     if sys.stderr is None:
         # Started with stderr closed (2>&-): print() would fall back to stdout, into the video.
         sys.stderr = open(os.devnull, "w")  # noqa: SIM115 - for the life of the process
@@ -440,8 +442,12 @@ def main(argv: list[str] | None = None) -> int:
             log.write("interrupted", signal=signal.Signals(signum).name)
         return 128 + signum
     finally:
+        # Exiting, the outcome is decided and reported: a stop signal during the interpreter's
+        # teardown (most of a second, releasing OpenVINO and torch) must not turn it into 128+N.
+        if exiting:
+            signal.signal(signal.SIGINT, signal.SIG_IGN)
         for signum, handler in previous.items():
-            signal.signal(signum, handler)
+            signal.signal(signum, signal.SIG_IGN if exiting else handler)
         if log is not None:
             log.close()
 
@@ -461,7 +467,7 @@ def entry() -> None:
     input pipe, a stdout reader that stopped reading) cannot be stopped, and the interpreter
     cannot shut down around it (it would wait on stdout's lock, or crash when the thread wakes):
     then the process ends at once, its message already written."""
-    status = main()
+    status = main(exiting=True)
     if any(t.name.startswith("vidscale-") and t.is_alive() for t in threading.enumerate()):
         sys.stderr.flush()
         os._exit(status)
