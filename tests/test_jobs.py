@@ -380,6 +380,23 @@ def test_a_signal_after_the_run_reported_success_leaves_its_exit_status_0(tmp_pa
     assert (tmp_path / "out.mkv").is_file()
 
 
+def test_ctrl_c_while_the_libraries_load_is_one_line(tmp_path, cache_dir, identity_x2):
+    # PyAV, OpenVINO and torch take over a second to import: a Ctrl-C then was a traceback.
+    source = make_clip(tmp_path / "in.mkv", frames=4, size=(64, 48), audio=False)
+    process = subprocess.Popen(
+        [sys.executable, "-m", "vidscale", "--cache-dir", str(cache_dir), "upscale", str(source), "-o",
+         str(tmp_path / "out.mkv"), "-m", str(identity_x2), "--progress", "none"],
+        stderr=subprocess.PIPE, text=True, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    try:
+        time.sleep(0.6)
+        process.send_signal(signal.SIGINT)
+        assert process.wait(timeout=60) == 130
+    finally:
+        process.kill()
+    assert process.stderr.read() == "vidscale: interrupted\n"
+    assert not (tmp_path / "out.mkv").exists()
+
+
 def _terminate_once_frames_flow(process: subprocess.Popen) -> None:
     """SIGTERM a run with --progress json once its first progress line shows frames flowing; it
     must stop as a terminated run does."""

@@ -13,11 +13,10 @@ from pathlib import Path
 
 import numpy as np
 
-from .config import (DEFAULT_DEDUP, DEFAULT_IMAGE_MODEL, DEFAULT_VIDEO_MODEL, RAY_STORAGES, UpscaleSettings,
-                     parse_dedup)
+from .config import (DEFAULT_DEDUP, DEFAULT_IMAGE_MODEL, DEFAULT_SEGMENT_SECONDS, DEFAULT_VIDEO_MODEL, RAY_STORAGES,
+                     UpscaleSettings, parse_dedup)
 from .errors import EXIT_SOME_FAILED, OutputClosedError, UsageError, VidscaleError
 from .progress import MODES, Both, EventLog, make_progress
-from .segments import DEFAULT_SEGMENT_SECONDS
 from .tiling import DEFAULT_OVERLAP, parse_tile
 
 # Stopped by a signal, the exit status is 128 + its number, what a shell reports for a process

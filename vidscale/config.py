@@ -20,6 +20,8 @@ DEFAULT_MEMORY_BUDGET = 2 * 1024**3
 # worst (46.3 dB) is no better than that average; at 4 (31% / 30% reused) it is hardly better on
 # onepiece (48.6 dB).
 DEFAULT_DEDUP = 5.0
+# Length of a resumable run's segments (see segments.py): at most this much work is redone after a stop.
+DEFAULT_SEGMENT_SECONDS = 60.0
 
 
 def parse_dedup(value: str | float | None) -> float | None:

@@ -30,10 +30,10 @@ from fractions import Fraction
 from pathlib import Path
 from typing import Callable
 
+from .config import DEFAULT_SEGMENT_SECONDS
 from .errors import MediaError, UsageError
 from .media import EncodedSegment, VideoFrame, VideoWriter, atomic_output, keyframe_pts, video_packet_count
 
-DEFAULT_SEGMENT_SECONDS = 60.0
 WORK_SUFFIX = ".vidscale-work"
 _STATE, _LOCK = "state.json", "lock"
 
