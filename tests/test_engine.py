@@ -10,7 +10,7 @@ import torch
 
 from conftest import nearest, save_compact
 from vidscale.config import UpscaleSettings
-from vidscale.engine import Engine, EngineSettings, core, resolve_precision
+from vidscale.engine import Engine, EngineSettings, core, read_ir, resolve_precision
 from vidscale.errors import EngineError, UsageError
 from vidscale.media import read_image
 from vidscale.models import resolve
@@ -182,6 +182,21 @@ def test_the_converted_ir_is_cached_and_reused(identity_model, tmp_path, monkeyp
     monkeypatch.setattr(Engine, "_convert", no_conversion)
     frame = np.full((1, 8, 12, 3), 5, np.uint8)
     assert (Engine(resolve(identity_model), settings).upscaler((8, 12))(frame) == 5).all()
+
+
+@pytest.mark.parametrize("damaged", [".xml", ".bin"])
+def test_a_damaged_cached_ir_is_converted_again(identity_model, tmp_path, capfd, damaged):
+    settings = EngineSettings(precision="f32", cache_dir=tmp_path)
+    Engine(resolve(identity_model), settings).upscaler((8, 8))
+    (xml,) = (tmp_path / "ir").glob("*.xml")
+    path = xml.with_suffix(damaged)
+    whole = path.read_bytes()
+    path.write_bytes(whole[:len(whole) // 2])  # a disk fault, a copy cut short
+    frame = np.full((1, 8, 12, 3), 5, np.uint8)
+    assert (Engine(resolve(identity_model), settings).upscaler((8, 12))(frame) == 5).all()
+    read_ir(xml)  # written again whole, for the next run
+    # OpenVINO, given damaged XML, tries every frontend, and TensorFlow's logs to stderr.
+    assert capfd.readouterr().err == ""
 
 
 @pytest.mark.parametrize("device", ["GPU", "NPU", "AUTO:GPU,CPU", "HETERO:NPU,CPU"])

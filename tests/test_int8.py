@@ -1,6 +1,7 @@
 """INT8 with NNCF: quantization of a real model, the quality gate, and the quantized-IR cache."""
 
 import json
+import shutil
 
 import av
 import numpy as np
@@ -9,7 +10,7 @@ import pytest
 from conftest import media
 from vidscale import quantize
 from vidscale.cli import main
-from vidscale.engine import Engine, EngineSettings
+from vidscale.engine import Engine, EngineSettings, read_ir
 from vidscale.errors import EngineError, UsageError
 from vidscale.models import resolve
 
@@ -68,6 +69,28 @@ def test_the_quantized_ir_is_cached_and_reused(int8_engine, int8_cache, calibrat
     again = Engine(resolve(MODEL), EngineSettings(precision="int8", cache_dir=int8_cache), calibration)
     frame = np.full((1, 16, 16, 3), 128, np.uint8)
     assert np.array_equal(again.upscaler((16, 16))(frame), int8_engine.upscaler((16, 16))(frame))
+
+
+@pytest.mark.parametrize("damaged", [".xml", ".bin", ".json"])
+def test_a_damaged_cached_int8_model_is_quantized_again(int8_engine, int8_cache, calibration, tmp_path,
+                                                       monkeypatch, damaged):
+    for folder in ("ir", "int8"):
+        shutil.copytree(int8_cache / folder, tmp_path / folder)
+    (xml,) = (tmp_path / "int8").glob(f"{MODEL}-*.xml")
+    path = xml.with_suffix(damaged)
+    whole = path.read_bytes()
+    path.write_bytes(whole[:len(whole) // 2])  # a disk fault, a copy cut short
+    made = []
+
+    def quantized_again(_nncf, float_ir, _crops, arch):
+        made.append(arch)
+        return float_ir  # what the cache holds is under test here, not quantization
+
+    monkeypatch.setattr(quantize, "quantize", quantized_again)
+    Engine(resolve(MODEL), EngineSettings(precision="int8", cache_dir=tmp_path), calibration)
+    assert made == ["SRVGGNetCompact"]
+    read_ir(xml)  # written again whole, for the next run
+    assert json.loads(xml.with_suffix(".json").read_text())["psnr"]
 
 
 def test_the_cache_key_follows_the_calibration_frames_and_the_weights(calibration, tmp_path):

@@ -37,7 +37,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import UsageError
+from .errors import UsageError, first_line
 from .config import RAY_STORAGES
 from .jobs import (BatchInterrupted, BatchReport, Job, JobResult, failed_result, failure_message,
                    interrupted_result, is_done, prepare_output, resume_for, sidecar_writer)
@@ -105,7 +105,7 @@ def _connect(ray, address: str) -> bool:
         else:
             ray.init(address=address, **quiet)
     except (OSError, RuntimeError, ValueError) as exc:  # ConnectionError, TimeoutError among them
-        raise UsageError(f"cannot join the Ray cluster at {address} ({_first_line(exc)}); start it with "
+        raise UsageError(f"cannot join the Ray cluster at {address} ({first_line(exc)}); start it with "
                          f"`ray start --head` or check the address") from None
     finally:
         if main_thread:
@@ -372,7 +372,7 @@ class _Driver:
         try:
             outcome = self.ray.get(ref)
         except self.ray.exceptions.RayError as exc:
-            outcome = (f"segment {index + 1} was lost on Ray ({_first_line(exc)}); run the batch again "
+            outcome = (f"segment {index + 1} was lost on Ray ({first_line(exc)}); run the batch again "
                        f"to go on from its complete segments")
         if isinstance(outcome, str):
             self._fail(run, outcome)
@@ -452,8 +452,3 @@ class _Driver:
         refs = [clean.options(num_cpus=0, scheduling_strategy=NodeAffinitySchedulingStrategy(
                     node["NodeID"], soft=False)).remote(self.batch) for node in _machines(self.ray)]
         self.ray.wait(refs, num_returns=len(refs), timeout=_CANCEL_SECONDS)
-
-
-def _first_line(exc: BaseException) -> str:
-    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
-    return lines[0] if lines else type(exc).__name__

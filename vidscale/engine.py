@@ -17,13 +17,14 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+from xml.etree import ElementTree
 
 import numpy as np
 import openvino as ov
 import openvino.opset13 as ops
 from openvino.preprocess import PrePostProcessor
 
-from .errors import EngineError, UsageError
+from .errors import EngineError, UsageError, first_line
 
 PRECISIONS = ("auto", "f32", "bf16", "f16", "int8")
 # Element type of the frames on both sides of the graph. "f32" is the raw model: float NHWC in [0, 1]
@@ -126,7 +127,7 @@ def cache_writes(tmp: Path):
     except (RuntimeError, OSError) as exc:
         for part in (tmp, tmp.with_suffix(".bin")):
             part.unlink(missing_ok=True)
-        raise EngineError(f"cannot write to the model cache {tmp.parent} ({_first_line(exc)}); free space "
+        raise EngineError(f"cannot write to the model cache {tmp.parent} ({first_line(exc)}); free space "
                           f"there, or give another --cache-dir (or VIDSCALE_CACHE_DIR)") from exc
 
 
@@ -172,13 +173,16 @@ class Engine:
     def float_ir(self) -> ov.Model:
         """A fresh copy of the model's float IR, converted and cached on first use."""
         xml = ir_path(self.model, self.settings.resolved_cache_dir)
-        if not xml.is_file():
+        try:
+            return read_ir(xml)
+        except (OSError, RuntimeError, ElementTree.ParseError):
+            # Missing, or damaged on disk: the cache is ours to make again.
             self._convert(xml)
         try:
-            return core().read_model(xml)
-        except RuntimeError as exc:
-            raise EngineError(f"cached OpenVINO IR {xml} is unreadable ({_first_line(exc)}); "
-                              f"delete it and run again to rebuild it") from exc
+            return read_ir(xml)
+        except (OSError, RuntimeError, ElementTree.ParseError) as exc:
+            raise EngineError(f"the OpenVINO IR just written to {xml} cannot be read back ({first_line(exc)}); "
+                              f"check that disk") from exc
 
     def _convert(self, xml: Path) -> None:
         import torch  # the one place in the engine that runs torch: a warm cache skips it
@@ -270,7 +274,7 @@ class Engine:
             compiled = core().compile_model(graph, self.settings.device, config)
         except RuntimeError as exc:
             raise EngineError(f"OpenVINO could not compile {self.model.name} for {h}x{w} on "
-                              f"{self.settings.device} ({_first_line(exc)})") from exc
+                              f"{self.settings.device} ({first_line(exc)})") from exc
         return Upscaler(compiled, self.model.name, outscale, sample, self.settings.requests)
 
 
@@ -346,9 +350,13 @@ def _weight_inside(size: int, f: int) -> np.ndarray:
     return np.correlate(inside, taps, mode="valid")[::f]
 
 
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
+def read_ir(xml: Path) -> ov.Model:
+    """The OpenVINO IR at `xml`. Raises OSError (missing), ElementTree.ParseError or RuntimeError
+    (damaged)."""
+    # OpenVINO offers XML it cannot read to every frontend, and TensorFlow's writes its own parse
+    # errors to stderr: damaged XML is caught first. Bad weights surface as a RuntimeError.
+    ElementTree.parse(xml)
+    return core().read_model(xml)
 
 
 class Upscaler:

@@ -1,5 +1,10 @@
 """The exception tree. Each class carries the exit status the CLI returns for it."""
 
+import re
+
+# OpenVINO's messages begin with where in its C++ sources they were raised, a line each.
+_SOURCE_LOCATION = re.compile(r"Exception from \S+:\d+:")
+
 # `vidscale batch` when some jobs failed (others may have succeeded); no exception carries it.
 EXIT_SOME_FAILED = 6
 
@@ -39,3 +44,12 @@ class OutputClosedError(MediaError):
 
     # 128 + SIGPIPE, what a shell reports for a writer killed by a closed pipe.
     exit_status = 141
+
+
+def first_line(exc: BaseException) -> str:
+    """The first line of what a library's exception says went wrong, for a one-line message."""
+    for line in str(exc).splitlines():
+        line = line.strip()
+        if line and not _SOURCE_LOCATION.fullmatch(line):
+            return line
+    return type(exc).__name__

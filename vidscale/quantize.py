@@ -19,11 +19,12 @@ import threading
 from collections.abc import Sequence
 from dataclasses import replace
 from pathlib import Path
+from xml.etree import ElementTree
 
 import numpy as np
 import openvino as ov
 
-from .engine import Engine, cache_writes, core
+from .engine import Engine, cache_writes, read_ir
 from .errors import EngineError, UsageError
 from .tiling import round_up
 
@@ -204,15 +205,12 @@ def int8_model(engine: Engine, frames: Sequence[np.ndarray] | None,
     checks = calibration_crops(evaluation, engine.size_multiple) if evaluation else crops
     xml = int8_path(engine.model, crops, engine.settings.resolved_cache_dir, nncf.__version__)
     record_path = xml.with_suffix(".json")
-    if xml.is_file():
-        try:
-            quantized = core().read_model(xml)
-            record = json.loads(record_path.read_text())
-            measured = record["psnr"]
-        except (RuntimeError, OSError, ValueError, KeyError) as exc:
-            raise EngineError(f"cached INT8 model {xml} is unreadable ({exc}); "
-                              f"delete it and run again to rebuild it") from exc
-    else:
+    try:
+        quantized = read_ir(xml)
+        record = json.loads(record_path.read_text())
+        measured = record["psnr"]
+    except (OSError, RuntimeError, ElementTree.ParseError, ValueError, KeyError, TypeError):
+        # Not made yet, or damaged on disk: quantized (again), as a cache is.
         quantized = quantize(nncf, engine.float_ir(), crops, engine.model.spec.arch)
         record = {"psnr": {}, "crops": len(crops), "side": crops.shape[1], "nncf": nncf.__version__}
         measured = record["psnr"]
