@@ -90,7 +90,8 @@ def test_an_input_touched_but_unchanged_is_skipped_one_repaired_in_the_middle_is
     data[middle] ^= 0xFF  # a re-checked download repaired a byte: same size, same ends
     source.write_bytes(bytes(data))
     status, err = batch(*args)
-    assert status == EXIT_SOME_FAILED and "already exists; pass --overwrite" in err, err
+    assert status == EXIT_SOME_FAILED, err
+    assert f"was made from an earlier {source}, which has changed since; pass --overwrite to replace it" in err
 
 
 def test_a_changed_input_is_not_skipped_and_its_old_output_is_kept_without_overwrite(tmp_path, batch, identity_x2):
@@ -103,7 +104,8 @@ def test_a_changed_input_is_not_skipped_and_its_old_output_is_kept_without_overw
     make_clip(source, frames=5)  # the episode was replaced by a longer cut
     status, err = batch(*args)
     assert status == EXIT_SOME_FAILED
-    assert "ep1.upscaled.mkv already exists; pass --overwrite to replace it" in err
+    assert (f"output {out / 'ep1.upscaled.mkv'} was made from an earlier {source}, which has changed since; "
+            f"pass --overwrite to replace it") in err
     assert (out / "ep1.upscaled.mkv").read_bytes() == kept
     status, err = batch(*args, "--overwrite")
     assert status == 0, err
@@ -115,9 +117,15 @@ def test_a_refused_run_keeps_the_record_of_the_output_it_did_not_replace(tmp_pat
     args = [str(source), "--output-dir", str(tmp_path / "out"), "-m", str(identity_x2), *FAST]
     assert batch(*args)[0] == 0
     status, err = batch(*args, "--crf", "30")  # another setting, no --overwrite: refused
-    assert status == EXIT_SOME_FAILED and "already exists; pass --overwrite" in err
+    assert status == EXIT_SOME_FAILED
+    assert "ep1.upscaled.mkv was made with other settings than this job's; pass --overwrite to replace it" in err
     status, err = batch(*args)  # the nightly command as it was
     assert status == 0 and "skipped" in err, err
+    with open(tmp_path / "out" / "ep1.upscaled.mkv", "ab") as output:
+        output.write(b"\0")
+    status, err = batch(*args)
+    assert status == EXIT_SOME_FAILED
+    assert "ep1.upscaled.mkv was changed after vidscale made it; pass --overwrite to replace it" in err
 
 
 def test_job_file_with_defaults_per_job_settings_and_a_failing_job(tmp_path, batch, identity_x2):
@@ -172,7 +180,7 @@ codec = "ffv1"
     ('segment_seconds = 0\n[[job]]\ninputs = "a.mkv"\n', "segment_seconds = 0 is not valid"),
     ('ray = "auto"\nray_storage = "nfs"\n[[job]]\ninputs = "a.mkv"\n', "ray_storage = 'nfs' is not valid"),
     ('ray_storage = "object-store"\n[[job]]\ninputs = "a.mkv"\n', "only count with --ray"),
-    ('[[job]]\ninputs = "a.mkv"\ndedup = 300\n', "dedup threshold 300 must be a number from 0 to 255"),
+    ('[[job]]\ninputs = "a.mkv"\ndedup = 255\n', "dedup threshold 255 must be at least 0 and below 255 (at 255 every frame"),
     ('[[job]]\ninputs = "a.mkv"\ndedup = "often"\n', "dedup 'often' is not off, exact or a number"),
     ('[[job]]\ninputs = "a.mkv"\ntemplate = "../{stem}.mkv"\n', "which is not a file inside the output"),
     ('[[job]]\ninputs = "a.mkv"\ntemplate = "/srv/{stem}.mkv"\n', "which is not a file inside the output"),

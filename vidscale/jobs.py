@@ -283,7 +283,7 @@ def _checked(jobs: list[Job]) -> list[Job]:
             unique.append(job)
         elif os.path.realpath(other.source) != os.path.realpath(job.source):
             raise UsageError(f"{job.source} and {other.source} would both be written to {job.output}; "
-                             f"use {{parent}} or another template")
+                             f"give a template whose fields tell them apart ({{stem}}, {{name}}, {{parent}})")
         elif replace(other, source=job.source, output=job.output) != job:
             raise UsageError(f"two jobs write {job.source} to {job.output} with different settings; "
                              f"give them different templates or output directories")
@@ -351,13 +351,23 @@ def sidecar_path(output: Path) -> Path:
 
 def is_done(job: Job) -> bool:
     """The output exists and its sidecar says it was made from this very input with these settings."""
+    return _mismatch(job) == ""
+
+
+def _mismatch(job: Job) -> str | None:
+    """How `job`'s existing output differs from what the job would make, by its sidecar: "" it
+    does not, None when there is no readable sidecar (or no output) to tell."""
     try:
         state = json.loads(sidecar_path(job.output).read_text())
-        return (job.output.stat().st_size == state["output_size"]
-                and state["settings"] == settings_digest(job)
-                and _same_input(state, job.source))
+        if job.output.stat().st_size != state["output_size"]:
+            return "was changed after vidscale made it"
+        if state["settings"] != settings_digest(job):
+            return "was made with other settings than this job's"
+        if not _same_input(state, job.source):
+            return f"was made from an earlier {job.source}, which has changed since"
+        return ""
     except (OSError, ValueError, KeyError, TypeError):
-        return False
+        return None
 
 
 def sidecar_writer(job: Job):
@@ -490,6 +500,9 @@ def run_job(job: Job, overwrite: bool, segment_seconds: float, progress=None) ->
     KeyboardInterrupt goes through (the job's temporary output is gone, its segments kept)."""
     try:
         prepare_output(job)  # the input checked before resume_for fingerprints it
+        if not overwrite and (why := _mismatch(job)):
+            # Its record kept as it is: true of the output it describes.
+            return failed_result(job, f"output {job.output} {why}; pass --overwrite to replace it")
         result = upscale_video(job.source, job.output, job.settings, job.encoder, strict=job.strict,
                                overwrite=overwrite, progress=progress,
                                resume=resume_for(job, segment_seconds), on_commit=sidecar_writer(job))
