@@ -461,6 +461,19 @@ def test_resolution_change_mid_stream_is_refused(tmp_path):
             list(reader.events())
 
 
+def test_a_whole_mp4_ending_on_a_repeated_one_tick_timestamp_is_not_called_truncated(tmp_path):
+    # anime4k's clip repeats timestamps, the repeat 1 tick long: cut after 16 packets, the frame
+    # decoded last is such a repeat, and ended 1 tick after its pts the file looked truncated.
+    cut = tmp_path / "cut.mp4"
+    with av.open(str(media("anime4k_web_input.mp4"))) as source, av.open(str(cut), "w") as out:
+        stream = out.add_stream_from_template(source.streams.video[0])
+        for packet in list(p for p in source.demux(video=0) if p.size)[:16]:
+            packet.stream = stream
+            out.mux(packet)
+    with VideoReader(cut) as reader:
+        assert sum(isinstance(e, VideoFrame) for e in reader.events()) == 16
+
+
 @pytest.mark.parametrize("broken", [3, 4, 5])
 def test_corrupt_packet_is_concealed_and_counted_or_refused_when_strict(tmp_path, broken):
     # Near the end too: the decoder drains its last frames after the broken one, and a file whose

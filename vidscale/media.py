@@ -540,6 +540,7 @@ class VideoReader:
             self._reformatter = VideoReformatter()
             self._next_index = 0
             self._last_pts = self._last_duration = None
+            self._end_pts = 0  # the latest pts + duration of any frame decoded
             self._events = self._demux()
             # Decode up to the first frame now: the rotation and real frame size are only known
             # from a decoded frame, and an undecodable input is better refused at open.
@@ -658,11 +659,14 @@ class VideoReader:
             return
         tb = self.stream.time_base
         rate = self.info.guessed_rate or self.info.average_rate
-        interval = self._last_duration * tb if self._last_duration else (1 / rate if rate else 0)
+        nominal = 1 / rate if rate else 0
+        interval = self._last_duration * tb if self._last_duration else nominal
         # A broken last packet was read, then concealed: the file is whole.
         last = max([self._last_pts, *(pts for pts in self.corrupt_at if pts is not None)])
-        end = last * tb + interval
-        if declared - end > interval / 2:
+        # With repeated timestamps the frame decoded last may be a 1-tick one beside a whole
+        # frame's: the end is the latest any frame reaches, and a frame's length the longer one.
+        end = max(last * tb + interval, self._end_pts * tb)
+        if declared - end > max(interval, nominal) / 2:
             raise MediaError(f"{self.label} stops at {float(end):.3f} s but its header says the video "
                              f"runs to {float(declared):.3f} s: it is truncated or its pipe closed "
                              f"early; give the complete file")
@@ -764,6 +768,7 @@ class VideoReader:
             raise MediaError(f"{self.label}: frame {index} has no timestamp; "
                              f"remux the input into .mkv first")
         self._last_pts, self._last_duration = frame.pts, frame.duration
+        self._end_pts = max(self._end_pts, frame.pts + (frame.duration or 0))
         target = "rgb48le" if self.deep else "rgb24"
         if info.colorspace == "gbr":
             rgb = self._reformatter.reformat(frame, format=target)
