@@ -333,6 +333,14 @@ def test_a_report_that_cannot_be_written_at_the_end_is_one_line_after_the_jobs(t
 
 # --- signals ------------------------------------------------------------------------------------
 
+def _started(cache_dir, model, *args: str, **popen) -> subprocess.Popen:
+    """`vidscale --cache-dir CACHE_DIR ARGS -m MODEL` as a process of its own, stderr read as text."""
+    return subprocess.Popen(
+        [sys.executable, "-m", "vidscale", "--cache-dir", str(cache_dir), *args, "-m", str(model)],
+        # A shell's background job ignores SIGINT, and so would its children: the suite may run as one.
+        stderr=subprocess.PIPE, text=True, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL), **popen)
+
+
 @pytest.mark.parametrize("command, signum, status", [
     ("upscale", signal.SIGTERM, 143),
     ("upscale", signal.SIGINT, 130),
@@ -345,11 +353,7 @@ def test_a_signal_stops_the_run_cleanly_and_leaves_nothing(tmp_path, cache_dir, 
     out.mkdir()
     where = ["-o", str(out / "long.x2.mkv")] if command == "upscale" else [
         "--output-dir", str(out), "--report", str(tmp_path / "report.json")]
-    process = subprocess.Popen(
-        [sys.executable, "-m", "vidscale", "--cache-dir", str(cache_dir), command, str(source), *where,
-         "-m", str(identity_x2), "-c:v", "libx264", "--progress", "json"],
-        # A shell's background job ignores SIGINT, and so would its children: the suite may run as one.
-        stderr=subprocess.PIPE, text=True, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    process = _started(cache_dir, identity_x2, command, str(source), *where, "-c:v", "libx264", "--progress", "json")
     try:
         first = json.loads(process.stderr.readline())  # frames are flowing: stop mid-run
         process.send_signal(signum)
@@ -372,10 +376,8 @@ def test_a_signal_after_the_run_reported_success_leaves_its_exit_status_0(tmp_pa
     # The interpreter's teardown after the summary line takes most of a second, long enough for
     # a scheduler's stop to land in it; the output is complete by then and must be called so.
     source = make_clip(tmp_path / "in.mkv", frames=4, size=(64, 48), audio=False)
-    process = subprocess.Popen(
-        [sys.executable, "-m", "vidscale", "--cache-dir", str(cache_dir), "upscale", str(source), "-o",
-         str(tmp_path / "out.mkv"), "-m", str(identity_x2), "--progress", "none"],
-        stderr=subprocess.PIPE, text=True, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    process = _started(cache_dir, identity_x2, "upscale", str(source), "-o", str(tmp_path / "out.mkv"),
+                       "--progress", "none")
     try:
         summary = process.stderr.readline()
         assert "4 frames in" in summary
@@ -391,10 +393,8 @@ def test_a_signal_after_the_run_reported_success_leaves_its_exit_status_0(tmp_pa
 def test_ctrl_c_while_the_libraries_load_is_one_line(tmp_path, cache_dir, identity_x2):
     # PyAV, OpenVINO and torch take over a second to import: a Ctrl-C then was a traceback.
     source = make_clip(tmp_path / "in.mkv", frames=4, size=(64, 48), audio=False)
-    process = subprocess.Popen(
-        [sys.executable, "-m", "vidscale", "--cache-dir", str(cache_dir), "upscale", str(source), "-o",
-         str(tmp_path / "out.mkv"), "-m", str(identity_x2), "--progress", "none"],
-        stderr=subprocess.PIPE, text=True, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    process = _started(cache_dir, identity_x2, "upscale", str(source), "-o", str(tmp_path / "out.mkv"),
+                       "--progress", "none")
     try:
         time.sleep(0.6)
         process.send_signal(signal.SIGINT)
@@ -419,10 +419,8 @@ def test_a_signal_stops_a_run_whose_stdout_reader_stopped_reading(tmp_path, cach
     # The encoder thread then sits in a blocking write that nothing can end; the run must still
     # stop, and not crash when the reader wakes up.
     source = make_clip(tmp_path / "long.mkv", frames=200, size=(128, 96), audio=False)
-    process = subprocess.Popen(
-        [sys.executable, "-m", "vidscale", "--cache-dir", str(cache_dir), "upscale", str(source), "-o", "-",
-         "-m", str(identity_x2), "-c:v", "ffv1", "--progress", "json"],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    process = _started(cache_dir, identity_x2, "upscale", str(source), "-o", "-", "-c:v", "ffv1", "--progress", "json",
+                       stdout=subprocess.PIPE)
     try:
         _terminate_once_frames_flow(process)  # into a pipe nobody reads
     finally:
@@ -432,9 +430,7 @@ def test_a_signal_stops_a_run_whose_stdout_reader_stopped_reading(tmp_path, cach
 def test_a_signal_stops_a_run_still_opening_a_quiet_stdin(tmp_path, cache_dir, identity_x2):
     source = make_clip(tmp_path / "long.mkv", frames=200, size=(128, 96), audio=False)
     read_end, write_end = os.pipe()
-    process = subprocess.Popen(
-        [sys.executable, "-m", "vidscale", "--cache-dir", str(cache_dir), "upscale", "-", "-o",
-         str(tmp_path / "out.mkv"), "-m", str(identity_x2)], stdin=read_end, stderr=subprocess.PIPE, text=True)
+    process = _started(cache_dir, identity_x2, "upscale", "-", "-o", str(tmp_path / "out.mkv"), stdin=read_end)
     try:
         os.write(write_end, source.read_bytes()[:4000])  # a header, then the producer goes quiet
         while int.from_bytes(fcntl.ioctl(read_end, termios.FIONREAD, b"\0" * 4), "little"):
@@ -458,10 +454,8 @@ def test_a_signal_while_stdin_stalls_mid_run_leaves_no_temporary_output(tmp_path
     out = tmp_path / "out"
     out.mkdir()
     read_end, write_end = os.pipe()
-    process = subprocess.Popen(
-        [sys.executable, "-m", "vidscale", "--cache-dir", str(cache_dir), "upscale", "-", "-o", str(out / "o.mkv"),
-         "-m", str(identity_x2), "-c:v", "ffv1", "--progress", "json"], stdin=read_end, stderr=subprocess.PIPE,
-        text=True)
+    process = _started(cache_dir, identity_x2, "upscale", "-", "-o", str(out / "o.mkv"), "-c:v", "ffv1",
+                       "--progress", "json", stdin=read_end)
     try:
         data = source.read_bytes()
         os.write(write_end, data[:len(data) // 2])  # then the producer goes quiet

@@ -244,18 +244,23 @@ def test_a_broken_packet_by_a_segment_edge_is_counted_by_its_own_segment(tmp_pat
                             EncoderSettings(codec="ffv1")).corrupt_packets for index in range(2)] == counts
 
 
-def test_a_run_stopped_after_its_last_segment_only_joins_when_run_again(tmp_path, run, monkeypatch):
-    source = make_clip(tmp_path / "in.mkv", frames=20, gop=5, subtitles=True)
-    target = tmp_path / "out.mkv"
-    command = ["upscale", str(source), "-o", str(target), *LOSSLESS, "--resume", "--segment-seconds", "0.2"]
+def _stopped_before_the_join(run, command: list[str], monkeypatch) -> None:
+    """Run `command`, stopped as Ctrl-C stops it once every segment is complete."""
 
     def stopped(*_, **__):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(pipeline, "join_segments", stopped)
-    assert run(*command)[0] == 130  # stopped as Ctrl-C stops it, with every segment complete
+    with monkeypatch.context() as patch:
+        patch.setattr(pipeline, "join_segments", stopped)
+        assert run(*command)[0] == 130
+
+
+def test_a_run_stopped_after_its_last_segment_only_joins_when_run_again(tmp_path, run, monkeypatch):
+    source = make_clip(tmp_path / "in.mkv", frames=20, gop=5, subtitles=True)
+    target = tmp_path / "out.mkv"
+    command = ["upscale", str(source), "-o", str(target), *LOSSLESS, "--resume", "--segment-seconds", "0.2"]
+    _stopped_before_the_join(run, command, monkeypatch)
     assert len(list(segments.work_dir_for(target).glob("segment-*.json"))) == 4
-    monkeypatch.undo()
     monkeypatch.setattr(VideoReader, "seek", lambda *_: pytest.fail("nothing is left to decode"))
     status, err = run(*command)
     assert status == 0, err
@@ -269,13 +274,8 @@ def test_a_whole_run_removes_the_work_a_stopped_resumable_run_left(tmp_path, run
     source = make_clip(tmp_path / "in.mkv", frames=20, gop=5)
     target = tmp_path / "out.mkv"
     work = segments.work_dir_for(target)
-
-    def stopped(*_, **__):
-        raise KeyboardInterrupt
-
-    monkeypatch.setattr(pipeline, "join_segments", stopped)
-    assert run("upscale", str(source), "-o", str(target), *LOSSLESS, "--resume", "--segment-seconds", "0.2")[0] == 130
-    monkeypatch.undo()
+    _stopped_before_the_join(run, ["upscale", str(source), "-o", str(target), *LOSSLESS, "--resume",
+                                   "--segment-seconds", "0.2"], monkeypatch)
     assert len(list(work.glob("segment-*.mkv"))) == 4
     # One held by a live run stays.
     with segments.WorkDir(target, segments.Resume({"input": "held"})):
@@ -313,13 +313,7 @@ def test_a_damaged_complete_segment_is_done_again(tmp_path, run, monkeypatch, da
     source = make_clip(tmp_path / "in.mkv", frames=20, gop=5, subtitles=True)
     target = tmp_path / "out.mkv"
     command = ["upscale", str(source), "-o", str(target), *LOSSLESS, "--resume", "--segment-seconds", "0.2"]
-
-    def stopped(*_, **__):
-        raise KeyboardInterrupt
-
-    monkeypatch.setattr(pipeline, "join_segments", stopped)
-    assert run(*command)[0] == 130
-    monkeypatch.undo()
+    _stopped_before_the_join(run, command, monkeypatch)
     segment = segments.work_dir_for(target) / "segment-00002.mkv"
     data = segment.read_bytes()
     segment.write_bytes(data[:len(data) * 2 // 3] if damage == "cut short" else bytes(len(data)))
