@@ -498,6 +498,34 @@ def test_log_file_of_a_failing_upscale(tmp_path, cache_dir, capsys):
     assert records[1]["exit_status"] == 5 and "gone.mkv does not exist" in records[1]["message"]
 
 
+def test_a_report_or_log_never_goes_over_a_file_that_is_not_one(tmp_path, batch, identity_x2, capsys, cache_dir):
+    # `--report` taken for a switch: the next argument, an episode, was replaced by the report.
+    episodes = [make_clip(tmp_path / f"ep0{n}.mkv", frames=2) for n in (1, 2)]
+    kept = [e.read_bytes() for e in episodes]
+    out = tmp_path / "out"
+    for option in ("--report", "--log-file"):
+        status, err = batch(option, *map(str, episodes), "--output-dir", str(out), "-m", str(identity_x2))
+        assert status == 2
+        assert err.strip().endswith(f"{option} {episodes[0]} is a file that is not a vidscale "
+                                    f"{'report' if option == '--report' else 'log'}, and writing it would lose it; "
+                                    f"give a new path or one an earlier "
+                                    f"{'report' if option == '--report' else 'log'} went to")
+    assert [e.read_bytes() for e in episodes] == kept and not out.exists()
+    target = tmp_path / "o.mkv"
+    status = main(["--cache-dir", str(cache_dir), "upscale", str(episodes[0]), "-o", str(target),
+                   "-m", str(identity_x2), "--log-file", str(target)])
+    assert status == 2 and "is also the run's output; give the log a path of its own" in capsys.readouterr().err
+    assert not target.exists()
+    # Earlier ones are written again: a report replaced, a log appended to.
+    report, log = tmp_path / "report.json", tmp_path / "log.jsonl"
+    for _ in range(2):
+        status, err = batch(*map(str, episodes), "--output-dir", str(out), "-m", str(identity_x2),
+                            "--report", str(report), "--log-file", str(log))
+        assert status == 0, err
+    assert json.loads(report.read_text())["skipped"] == 2
+    assert [json.loads(line)["event"] for line in log.read_text().splitlines()].count("batch_end") == 2
+
+
 @pytest.mark.parametrize("command", ["upscale", "batch"])
 def test_a_log_file_that_cannot_be_written_is_told_once_and_the_work_goes_on(tmp_path, cache_dir, capsys, identity_x2,
                                                                             command):

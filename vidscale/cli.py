@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import signal
 import sys
@@ -308,6 +309,8 @@ def run_batch(args: argparse.Namespace, log: EventLog | None) -> int:
         # The report is renamed into place, which would put a file where a device (/dev/full,
         # /dev/null, run as root) or a FIFO was.
         raise UsageError(f"--report {args.report} is not a regular file; give a file path")
+    if args.report is not None:
+        _refuse_unless_ours(args.report, "--report", "report", _REPORT_PEEK, lambda text: "jobs" in json.loads(text))
     in_file = RunOptions()
     if len(args.inputs) == 1 and args.inputs[0].endswith(".toml"):
         jobs = jobs_from_file(Path(args.inputs[0]), args.output_dir, values, args.cache_dir, args.template)
@@ -421,7 +424,9 @@ def main(argv: list[str] | None = None, *, exiting: bool = False) -> int:
     previous = {signum: signal.signal(signum, _terminate) for signum in _STOP_SIGNALS}
     try:
         if getattr(args, "log_file", None) is not None:
-            log = _open_log(args.log_file)
+            claimed = ([("input", args.input or args.input_option), ("output", args.output)]
+                       if args.command == "upscale" else [("report", args.report)])
+            log = _open_log(args.log_file, claimed)
         if args.command in ("upscale", "batch"):
             return {"upscale": run_upscale, "batch": run_batch}[args.command](args, log)
         return {"models": run_models, "image": run_image}[args.command](args)
@@ -452,14 +457,44 @@ def main(argv: list[str] | None = None, *, exiting: bool = False) -> int:
             log.close()
 
 
-def _open_log(path: Path) -> EventLog:
+def _open_log(path: Path, claimed: list[tuple[str, str | os.PathLike | None]]) -> EventLog:
+    """The log at `path`, which must not be one of the `claimed` (option, path) files of the run."""
     if str(path) == "-":
         raise UsageError("--log-file takes a file path (stderr carries progress: --progress json)")
+    for option, other in claimed:
+        if other not in (None, "-") and os.path.realpath(other) == os.path.realpath(path):
+            raise UsageError(f"--log-file {path} is also the run's {option}; give the log a path of its own")
+    _refuse_unless_ours(path, "--log-file", "log", _LOG_PEEK,
+                        lambda text: "event" in json.loads(text.partition("\n")[0]))
     try:
         return EventLog(path)
     except OSError as exc:
         raise UsageError(f"cannot open the log file {path} ({exc.strerror}); "
                          f"choose a path in a writable directory") from None
+
+
+def _refuse_unless_ours(path: Path, option: str, what: str, peek: int, looks_ours) -> None:
+    """Refuse to write a log or report over a file vidscale did not write as one (an input given
+    where a path was meant, `--report ep01.mkv ep02.mkv`): it would be lost. `looks_ours(text)`
+    tells by the file's first `peek` bytes; it may raise."""
+    if not path.is_file():
+        return  # absent, or a device or FIFO (/dev/full, a log reader's pipe): nothing to lose
+    try:
+        with open(path, "rb") as file:
+            start = file.read(peek)
+    except OSError:
+        return  # not readable: writing it fails with its own message
+    try:
+        if not start or looks_ours(start.decode()):
+            return
+    except (UnicodeDecodeError, ValueError, TypeError):
+        pass
+    raise UsageError(f"{option} {path} is a file that is not a vidscale {what}, and writing it would lose "
+                     f"it; give a new path or one an earlier {what} went to")
+
+
+# Enough for a log's first line, and for a whole report of thousands of jobs.
+_LOG_PEEK, _REPORT_PEEK = 1 << 16, 1 << 26
 
 
 def entry() -> None:
