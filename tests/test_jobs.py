@@ -94,6 +94,26 @@ def test_an_input_touched_but_unchanged_is_skipped_one_repaired_in_the_middle_is
     assert f"was made from an earlier {source}, which has changed since; pass --overwrite to replace it" in err
 
 
+def test_an_input_replaced_while_it_was_upscaled_gives_no_output_and_no_record(tmp_path, batch, identity_x2,
+                                                                            monkeypatch):
+    source = make_clip(tmp_path / "ep1.mkv", frames=6)
+    other = make_clip(tmp_path / "other.mkv", frames=3)
+    upscale_video = jobs_module.upscale_video
+
+    def replaced_meanwhile(*args, on_commit, **kwargs):
+        def commit(*commit_args):
+            os.replace(other, source)  # a download finishing, a sync tool
+            on_commit(*commit_args)
+        return upscale_video(*args, on_commit=commit, **kwargs)
+
+    monkeypatch.setattr(jobs_module, "upscale_video", replaced_meanwhile)
+    out = tmp_path / "out"
+    status, err = batch(str(source), "--output-dir", str(out), "-m", str(identity_x2), *FAST)
+    assert status == EXIT_SOME_FAILED
+    assert f"{source} was replaced or written to while it was upscaled; the output was not kept, run the job again" in err
+    assert list(out.iterdir()) == []  # the next run makes it from what the path holds then
+
+
 def test_a_changed_input_is_not_skipped_and_its_old_output_is_kept_without_overwrite(tmp_path, batch, identity_x2):
     source = make_clip(tmp_path / "ep1.mkv", frames=4)
     out = tmp_path / "out"

@@ -39,7 +39,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 from .config import RAY_STORAGES, UpscaleSettings, parse_dedup
-from .errors import EXIT_SOME_FAILED, UsageError, VidscaleError
+from .errors import EXIT_SOME_FAILED, MediaError, UsageError, VidscaleError
 from .media import OUTPUT_FORMATS, EncoderSettings, check_readable
 from .pipeline import upscale_video
 from .segments import DEFAULT_SEGMENT_SECONDS, Resume, WorkInUse
@@ -376,13 +376,25 @@ def sidecar_writer(job: Job):
     its output (the job runs again), never an output without its record (refused for good
     without --overwrite)."""
 
+    started = _identity(job.source)
+
     def write(finished: Path, frames: int) -> None:
+        if _identity(job.source) != started:
+            # The record would describe a file the output was not made from, and later runs
+            # would skip the job for good.
+            raise MediaError(f"{job.source} was replaced or written to while it was upscaled; "
+                             f"the output was not kept, run the job again")
         state = {"input": fingerprint(job.source), "content_sha256": content_digest(job.source),
                  "settings": settings_digest(job), "frames": frames, "output_size": finished.stat().st_size,
                  "source": str(job.source)}
         _write_atomically(sidecar_path(job.output), json.dumps(state, indent=2) + "\n")
 
     return write
+
+
+def _identity(path: Path) -> tuple[int, ...]:
+    stat = path.stat()
+    return stat.st_dev, stat.st_ino, stat.st_size, stat.st_mtime_ns
 
 
 def _write_atomically(path: Path, text: str) -> None:
