@@ -1,5 +1,6 @@
 """The OpenVINO engine: static shapes, in-graph pre/post-processing, caches, devices, callbacks."""
 
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -10,7 +11,7 @@ import torch
 
 from conftest import nearest, save_compact
 from vidscale.config import UpscaleSettings
-from vidscale.engine import Engine, EngineSettings, core, read_ir, resolve_precision
+from vidscale.engine import COMPILED_CACHE_SIZE, Engine, EngineSettings, core, read_ir, resolve_precision
 from vidscale.errors import EngineError, UsageError
 from vidscale.media import read_image
 from vidscale.models import resolve
@@ -62,6 +63,28 @@ def test_the_automatic_tile_fits_the_memory_of_the_precision_it_runs_at(identity
     assert len(upscaler.plan(height, width, "u16")) == 2
     frame = np.random.default_rng(9).integers(0, 65536, (height, width, 3), dtype=np.uint16)
     assert np.array_equal(upscaler(frame), nearest(frame, 4))
+
+
+@pytest.mark.parametrize("tile", [None, (16, 16)])
+def test_one_frame_upscaler_called_from_several_threads_gives_each_its_own_frame(identity_model, cache_dir, tile):
+    # They share one synchronous request (whole frames) or one queue (tiles): unserialised, calls
+    # failed with "Infer Request is busy", or came back holding tiles of another thread's frame.
+    upscaler = FrameUpscaler(UpscaleSettings(model=str(identity_model), precision="f32", cache_dir=cache_dir,
+                                             tile=tile, overlap=4))
+    rng = np.random.default_rng(3)
+    frames = [rng.integers(0, 256, (40, 56, 3), np.uint8) for _ in range(16)]
+    with ThreadPoolExecutor(4) as pool:
+        got = list(pool.map(upscaler, frames))
+    assert all(np.array_equal(out, nearest(frame, 4)) for frame, out in zip(frames, got))
+
+
+def test_a_frame_upscaler_keeps_the_models_of_the_last_few_frame_sizes_only(identity_model, cache_dir):
+    # A folder of pictures of many sizes: each compiled model and its requests hold memory.
+    upscaler = FrameUpscaler(UpscaleSettings(model=str(identity_model), precision="f32", cache_dir=cache_dir))
+    for width in range(24, 24 + 4 * (COMPILED_CACHE_SIZE + 3), 4):
+        frame = np.full((20, width, 3), width, np.uint8)
+        assert np.array_equal(upscaler(frame), nearest(frame, 4))
+    assert len(upscaler._upscalers) == COMPILED_CACHE_SIZE
 
 
 @pytest.mark.parametrize("bias", [0.2, -0.302])  # no x.5 ties: float32 rounding

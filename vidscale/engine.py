@@ -33,7 +33,9 @@ SAMPLE_TYPES = {"u8": (ov.Type.u8, np.uint8, 255.0), "u16": (ov.Type.u16, np.uin
                 "f32": (ov.Type.f32, np.float32, 1.0)}
 # Bumped whenever the saved IR would differ for the same weights (conversion recipe changes).
 _IR_FORMAT = 1
-_COMPILED_CACHE_SIZE = 4
+# Compiled models kept per engine (and per FrameUpscaler): each holds its own memory, which a
+# stream of mixed frame sizes would otherwise grow without bound.
+COMPILED_CACHE_SIZE = 4
 
 
 def default_cache_dir() -> Path:
@@ -247,7 +249,7 @@ class Engine:
                 upscaler = self.wrap(ir, h, w, batch=batch, outscale=outscale, sample=sample,
                                      precision=precision, streams=streams)
                 self._compiled[key] = upscaler
-                if len(self._compiled) > _COMPILED_CACHE_SIZE:
+                if len(self._compiled) > COMPILED_CACHE_SIZE:
                     self._compiled.popitem(last=False)
         return upscaler if requests in (0, upscaler.requests) else upscaler.with_requests(requests)
 

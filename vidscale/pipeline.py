@@ -6,6 +6,7 @@ import os
 import queue
 import threading
 import time
+from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -13,7 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from .config import UpscaleSettings
-from .engine import Engine, EngineSettings, InferQueue, Upscaler
+from .engine import COMPILED_CACHE_SIZE, Engine, EngineSettings, InferQueue, Upscaler
 from .errors import MediaError, UsageError
 from .media import (EncoderSettings, VideoFrame, VideoReader, VideoWriter, check_output, is_deep,
                     join_segments, output_pix_fmt, read_image)
@@ -84,8 +85,9 @@ class FrameUpscaler:
         self.engine.check_outscale(settings.scale)  # before any frame arrives
         self._plans: dict[tuple[int, int], TilePlan] = {}
         self._tuned: dict[tuple[int, int], Choice] = {}
-        self._upscalers: dict[tuple[int, int, str], Upscaler] = {}
-        self._queues: dict[Upscaler, InferQueue] = {}
+        self._upscalers: OrderedDict[tuple[int, int, str], Upscaler] = OrderedDict()
+        self._queues: OrderedDict[Upscaler, InferQueue] = OrderedDict()
+        self._calls = threading.Lock()
 
     @property
     def scale(self) -> int:
@@ -124,19 +126,25 @@ class FrameUpscaler:
         """The compiled model for this plan's tiles: with --tune, compiled and queued as measured
         fastest (streams, tiles per request, requests in flight)."""
         key = (plan.height, plan.width, sample)
-        upscaler = self._upscalers.get(key)
+        upscaler = _recall(self._upscalers, key)
         if upscaler is None:
             choice = self._tuned.get(key)
             options = {} if choice is None else {"streams": choice.streams, "batch": choice.batch,
                                                  "requests": choice.requests}
-            upscaler = self._upscalers[key] = self.engine.upscaler(plan.tile_shape, outscale=self.scale,
-                                                                   sample=sample, **options)
+            upscaler = _keep(self._upscalers, key, self.engine.upscaler(plan.tile_shape, outscale=self.scale,
+                                                                        sample=sample, **options))
         return upscaler
 
     def __call__(self, frame: np.ndarray) -> np.ndarray:
+        """One frame upscaled. Calls from several threads run one at a time (each already keeps
+        every core busy): they share the compiled models' requests."""
         sample = sample_type(frame.dtype)
         if frame.ndim != 3 or frame.shape[2] != 3:
             raise UsageError(f"frames must be (height, width, 3) RGB arrays, got shape {frame.shape}")
+        with self._calls:
+            return self._upscaled(frame, sample)
+
+    def _upscaled(self, frame: np.ndarray, sample: str) -> np.ndarray:
         plan = self.plan(frame.shape[0], frame.shape[1], sample)
         upscaler = self.upscaler_for(plan, sample)
         tiles = split(plan, frame)
@@ -149,10 +157,25 @@ class FrameUpscaler:
         return stitch(plan, results)
 
     def _queue(self, upscaler: Upscaler) -> InferQueue:
-        queue = self._queues.get(upscaler)
+        queue = _recall(self._queues, upscaler)
         if queue is None:
-            queue = self._queues[upscaler] = upscaler.queue(_store_tile)
+            queue = _keep(self._queues, upscaler, upscaler.queue(_store_tile))
         return queue
+
+
+def _recall(cache: OrderedDict, key):
+    value = cache.get(key)
+    if value is not None:
+        cache.move_to_end(key)
+    return value
+
+
+def _keep(cache: OrderedDict, key, value):
+    """`value` kept under `key` in a cache of the last COMPILED_CACHE_SIZE used."""
+    cache[key] = value
+    if len(cache) > COMPILED_CACHE_SIZE:
+        cache.popitem(last=False)
+    return value
 
 
 def submit_tiles(queue: InferQueue, tiles: np.ndarray, target) -> None:
