@@ -170,6 +170,20 @@ def test_disk_full_while_writing(tmp_path, refused, monkeypatch):
     refused(source, 5, "no space left on the device writing")
 
 
+@pytest.mark.parametrize("length", [240, 300])
+def test_an_output_name_too_long_for_what_goes_beside_it_is_refused(tmp_path, refused, outputs, length):
+    # 240 bytes is a valid name, but its temporary file's name (.NAME.PID.partial) is not.
+    source = make_clip(tmp_path / "in.mkv", frames=2)
+    refused(source, 2, f"is {length} bytes; at most 224 fit beside the temporary and record files vidscale "
+                       f"writes next to it; choose a shorter name", output=outputs / ("x" * (length - 4) + ".mkv"))
+
+
+def test_an_output_path_too_long_for_the_system_is_refused(tmp_path, refused, outputs):
+    source = make_clip(tmp_path / "in.mkv", frames=2)
+    refused(source, 2, "cannot be used (File name too long); choose another output path",
+            output=outputs.joinpath(*["d" * 200] * 25, "out.mkv"))
+
+
 def test_output_is_the_input(tmp_path, refused):
     source = make_clip(tmp_path / "in.mkv", frames=2)
     refused(source, 2, "is the input file; choose another output path", "--overwrite", output=source)

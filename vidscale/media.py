@@ -155,6 +155,31 @@ def check_readable(path: Path) -> None:
 
 def check_output(path: Path, inputs: list[Path], overwrite: bool) -> None:
     """Refuse outputs that would clobber an input or an existing file without --overwrite."""
+    _check_name_length(path)
+    try:
+        _check_output(path, inputs, overwrite)
+    except OSError as exc:  # a path too long for the system, a folder that cannot be searched
+        raise UsageError(f"output {path} cannot be used ({exc.strerror}); choose another output path") from None
+
+
+# The longest name vidscale puts beside an output: a batch record's temporary file, with a pid of
+# up to 7 digits (Linux's largest pid_max).
+_LONGEST_BESIDE = ".{name}.vidscale.json.1234567.partial"
+
+
+def _check_name_length(path: Path) -> None:
+    try:
+        name_max = os.pathconf(path.parent, "PC_NAME_MAX")
+    except OSError:
+        name_max = 255
+    extra = len(_LONGEST_BESIDE.format(name=""))
+    size = len(os.fsencode(path.name))
+    if size + extra > name_max:
+        raise UsageError(f"output file name {path.name[:40]}... is {size} bytes; at most {name_max - extra} fit "
+                         f"beside the temporary and record files vidscale writes next to it; choose a shorter name")
+
+
+def _check_output(path: Path, inputs: list[Path], overwrite: bool) -> None:
     for source in inputs:
         if source.exists() and path.exists() and os.path.samefile(source, path):
             raise UsageError(f"output {path} is the input file; choose another output path")
