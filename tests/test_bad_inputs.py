@@ -19,6 +19,7 @@ from torch import nn
 
 from clips import bad_inputs, corrupt_clip, make_clip, resolution_change
 from conftest import RunsShellOnLoad
+from vidscale import pipeline
 from vidscale.cli import main
 from vidscale.media import VideoWriter
 
@@ -182,6 +183,16 @@ def test_an_output_path_too_long_for_the_system_is_refused(tmp_path, refused, ou
     source = make_clip(tmp_path / "in.mkv", frames=2)
     refused(source, 2, "cannot be used (File name too long); choose another output path",
             output=outputs.joinpath(*["d" * 200] * 25, "out.mkv"))
+
+
+def test_running_out_of_memory_is_one_line(tmp_path, refused, monkeypatch):
+    # Under a ulimit the allocation that fails may be Python's own, anywhere in the run.
+    def no_memory(*_, **__):
+        raise MemoryError
+
+    monkeypatch.setattr(pipeline, "upscale_video", no_memory)
+    refused(make_clip(tmp_path / "in.mkv", frames=2), 1,
+            "out of memory; give the process more (ulimit -v, a container's limit) or use a smaller --tile")
 
 
 def test_output_is_the_input(tmp_path, refused):

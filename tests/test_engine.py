@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from conftest import nearest, save_compact
+from vidscale import engine as engine_module
 from vidscale.config import UpscaleSettings
 from vidscale.engine import COMPILED_CACHE_SIZE, Engine, EngineSettings, core, read_ir, resolve_precision
 from vidscale.errors import EngineError, UsageError
@@ -220,6 +221,24 @@ def test_a_damaged_cached_ir_is_converted_again(identity_model, tmp_path, capfd,
     read_ir(xml)  # written again whole, for the next run
     # OpenVINO, given damaged XML, tries every frontend, and TensorFlow's logs to stderr.
     assert capfd.readouterr().err == ""
+
+
+def test_a_cached_ir_that_cannot_be_read_for_want_of_memory_is_not_taken_for_damaged(identity_model, tmp_path,
+                                                                                     monkeypatch):
+    settings = EngineSettings(precision="f32", cache_dir=tmp_path)
+    Engine(resolve(identity_model), settings).upscaler((8, 8))
+
+    def no_memory(_xml):
+        raise RuntimeError("Exception from src/inference/src/cpp/core.cpp:84:\nLoading input model\n"
+                           "Can not create file mapping for 5, err=Cannot allocate memory")
+
+    def no_conversion(*_):
+        raise AssertionError("converted again")
+
+    monkeypatch.setattr(engine_module, "read_ir", no_memory)
+    monkeypatch.setattr(Engine, "_convert", no_conversion)
+    with pytest.raises(EngineError, match=r"ran out of memory; give the process more \(ulimit -v"):
+        Engine(resolve(identity_model), settings).upscaler((8, 12))
 
 
 @pytest.mark.parametrize("device", ["GPU", "NPU", "AUTO:GPU,CPU", "HETERO:NPU,CPU"])

@@ -16,7 +16,7 @@ import numpy as np
 
 from .config import (DEFAULT_DEDUP, DEFAULT_IMAGE_MODEL, DEFAULT_SEGMENT_SECONDS, DEFAULT_VIDEO_MODEL, RAY_STORAGES,
                      UpscaleSettings, parse_dedup)
-from .errors import EXIT_SOME_FAILED, OutputClosedError, UsageError, VidscaleError
+from .errors import EXIT_SOME_FAILED, MORE_MEMORY, OutputClosedError, UsageError, VidscaleError
 from .progress import MODES, Both, EventLog, make_progress
 from .tiling import DEFAULT_OVERLAP, parse_tile
 
@@ -440,6 +440,13 @@ def main(argv: list[str] | None = None, *, exiting: bool = False) -> int:
         if log is not None:
             log.write("error", message=str(exc), exit_status=exc.exit_status)
         return exc.exit_status
+    except MemoryError:
+        # Python's own allocation failed (a ulimit, a container's limit): no traceback helps.
+        message = f"out of memory; {MORE_MEMORY}"
+        print(f"vidscale: error: {message}", file=sys.stderr)
+        if log is not None:
+            log.write("error", message=message, exit_status=1)
+        return 1
     except KeyboardInterrupt as exc:
         signum = exc.signum if isinstance(exc, Terminated) else signal.SIGINT
         print(f"vidscale: {'interrupted' if signum == signal.SIGINT else 'terminated'}", file=sys.stderr)

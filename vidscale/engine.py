@@ -24,7 +24,7 @@ import openvino as ov
 import openvino.opset13 as ops
 from openvino.preprocess import PrePostProcessor
 
-from .errors import EngineError, UsageError, first_line
+from .errors import MORE_MEMORY, EngineError, UsageError, first_line
 
 PRECISIONS = ("auto", "f32", "bf16", "f16", "int8")
 # Element type of the frames on both sides of the graph. "f32" is the raw model: float NHWC in [0, 1]
@@ -177,7 +177,9 @@ class Engine:
         xml = ir_path(self.model, self.settings.resolved_cache_dir)
         try:
             return read_ir(xml)
-        except (OSError, RuntimeError, ElementTree.ParseError):
+        except (OSError, RuntimeError, ElementTree.ParseError) as exc:
+            if _out_of_memory(exc):
+                raise EngineError(f"reading the cached OpenVINO IR {xml} ran out of memory; {MORE_MEMORY}") from exc
             # Missing, or damaged on disk: the cache is ours to make again.
             self._convert(xml)
         try:
@@ -192,8 +194,13 @@ class Engine:
         xml.parent.mkdir(parents=True, exist_ok=True)
         module = self.model.module()
         side = 16 * self.size_multiple
-        with torch.no_grad():
-            converted = ov.convert_model(module, example_input=torch.rand(1, 3, side, side))
+        try:
+            with torch.no_grad():
+                converted = ov.convert_model(module, example_input=torch.rand(1, 3, side, side))
+        except RuntimeError as exc:
+            if _out_of_memory(exc):
+                raise EngineError(f"converting {self.model.name} for OpenVINO ran out of memory; {MORE_MEMORY}") from exc
+            raise
         # Write beside the target and rename, .bin first: a present .xml means a complete pair even
         # if another process or a crash interrupted a conversion.
         tmp = xml.with_name(f".{xml.stem}.{os.getpid()}.{threading.get_ident()}.xml")
@@ -275,8 +282,9 @@ class Engine:
         try:
             compiled = core().compile_model(graph, self.settings.device, config)
         except RuntimeError as exc:
+            hint = f"; it ran out of memory: {MORE_MEMORY}" if _out_of_memory(exc) else ""
             raise EngineError(f"OpenVINO could not compile {self.model.name} for {h}x{w} on "
-                              f"{self.settings.device} ({first_line(exc)})") from exc
+                              f"{self.settings.device} ({first_line(exc)}){hint}") from exc
         return Upscaler(compiled, self.model.name, outscale, sample, self.settings.requests)
 
 
@@ -350,6 +358,13 @@ def _weight_inside(size: int, f: int) -> np.ndarray:
     taps, before = _bicubic_taps(f)
     inside = np.pad(np.ones(size), (before, len(taps) - f - before))
     return np.correlate(inside, taps, mode="valid")[::f]
+
+
+def _out_of_memory(exc: BaseException) -> bool:
+    """Whether OpenVINO or torch failed for want of memory (under a ulimit or a container's limit)."""
+    text = str(exc)
+    return isinstance(exc, MemoryError) or any(
+        sign in text for sign in ("bad_alloc", "Cannot allocate memory", "can't allocate memory"))
 
 
 def read_ir(xml: Path) -> ov.Model:

@@ -8,6 +8,9 @@ _SOURCE_LOCATION = re.compile(r"Exception from \S+:\d+:")
 # `vidscale batch` when some jobs failed (others may have succeeded); no exception carries it.
 EXIT_SOME_FAILED = 6
 
+# The fix named wherever a run ran out of memory.
+MORE_MEMORY = "give the process more (ulimit -v, a container's limit) or use a smaller --tile"
+
 
 class VidscaleError(Exception):
     """Base of every error vidscale raises on purpose; the message is one line for a person."""
