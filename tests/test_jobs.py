@@ -561,7 +561,8 @@ def test_a_log_file_that_cannot_be_written_is_told_once_and_the_work_goes_on(tmp
     assert len(list(tmp_path.rglob("*.upscaled.mkv" if command == "batch" else "out.mkv"))) == 1
 
 
-def test_a_job_another_run_is_making_is_skipped_not_failed(tmp_path, batch, identity_x2):
+@pytest.mark.parametrize("segment_seconds", ["0.2", "60"])  # in segments, in one piece
+def test_a_job_another_run_is_making_is_skipped_not_failed(tmp_path, batch, identity_x2, segment_seconds):
     # Two batches of one job file (a timer overlapping its last run): the one that finds a job's
     # work directory held leaves the job to the run holding it.
     source = make_clip(tmp_path / "ep1.mkv", frames=20, gop=5)
@@ -569,7 +570,7 @@ def test_a_job_another_run_is_making_is_skipped_not_failed(tmp_path, batch, iden
     output.parent.mkdir()
     with segments.WorkDir(output, segments.Resume({"input": "held"})):
         status, err = batch(str(source), "--output-dir", str(tmp_path / "out"), "-m", str(identity_x2), *FAST,
-                            "--segment-seconds", "0.2")
+                            "--segment-seconds", segment_seconds)
     assert status == 0, err
     assert f"skipped, another vidscale run is working on {output}" in err
     assert "1 jobs: 0 done, 1 skipped, 0 failed" in err

@@ -7,6 +7,7 @@ import queue
 import threading
 import time
 from collections import OrderedDict
+from contextlib import ExitStack
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -387,13 +388,20 @@ def upscale_video(source, destination, settings: UpscaleSettings = UpscaleSettin
         calibration = evaluation if settings.calibration is None else None
     # Model, device and INT8 gate problems surface before any output is opened.
     frame_upscaler = FrameUpscaler(settings, calibration=calibration, evaluation=evaluation)
-    with VideoReader(source, strict=strict) as reader:
+    with VideoReader(source, strict=strict) as reader, ExitStack() as held:
         plan, model, encoder = _prepare(frame_upscaler, reader, encoder)
         out_h, out_w = plan.out_shape
         if resume is not None and _longer_than(reader, resume.segment_seconds):
             return _upscale_in_segments(reader, source, Path(destination), encoder, (out_w, out_h), plan,
                                         model, progress, settings.dedup, resume, started, strict, on_commit,
                                         overwrite)
+        # In one piece, its work directory is still held as a segmented run holds it: a batch
+        # overlapping this one (a timer's next run) then leaves the job to it instead of making
+        # the same output and failing on it.
+        if resume is not None:
+            # Removed however the run ends (a run in one piece keeps nothing there), while the
+            # lock is still held.
+            held.callback(held.enter_context(WorkDir(Path(destination), resume)).remove)
         with VideoWriter(destination, reader, out_w, out_h, encoder, on_commit=on_commit,
                          replace=overwrite) as writer:
             progress.start(reader.expected_frames, reader.label)
@@ -405,7 +413,7 @@ def upscale_video(source, destination, settings: UpscaleSettings = UpscaleSettin
             if writer.frames_written != decoded:
                 raise MediaError(f"wrote {writer.frames_written} frames but decoded {decoded}; "
                                  f"the output is incomplete and was not kept")
-        if destination != "-":
+        if resume is None and destination != "-":
             remove_abandoned_work(Path(destination))
         return VideoResult(output=str(destination), frames=decoded, seconds=time.monotonic() - started,
                            corrupt_packets=reader.corrupt_packets, retimed_frames=writer.retimed_frames,
