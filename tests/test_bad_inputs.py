@@ -11,6 +11,7 @@ import os
 import re
 import subprocess
 import sys
+from pathlib import Path
 
 import av
 import pytest
@@ -21,6 +22,7 @@ from clips import bad_inputs, corrupt_clip, make_clip, resolution_change
 from conftest import RunsShellOnLoad
 from vidscale import pipeline
 from vidscale.cli import main
+from vidscale.engine import default_cache_dir
 from vidscale.media import VideoWriter
 
 FAST = ["-c:v", "libx264", "--preset", "ultrafast"]
@@ -193,6 +195,24 @@ def test_running_out_of_memory_is_one_line(tmp_path, refused, monkeypatch):
     monkeypatch.setattr(pipeline, "upscale_video", no_memory)
     refused(make_clip(tmp_path / "in.mkv", frames=2), 1,
             "out of memory; give the process more (ulimit -v, a container's limit) or use a smaller --tile")
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--cache-dir", "", "models"], "argument --cache-dir: an empty path would put the cache in the working directory"),
+    (["upscale", "in.mkv", "-o", "out.mkv/"], "argument -o/--output: out.mkv/ names a directory; give a file path"),
+])
+def test_paths_that_mean_something_else_than_they_seem_are_refused(capsys, args, message):
+    with pytest.raises(SystemExit) as stopped:
+        main(args)
+    assert stopped.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_a_relative_xdg_cache_home_is_ignored_as_the_spec_says(monkeypatch):
+    monkeypatch.delenv("VIDSCALE_CACHE_DIR", raising=False)
+    monkeypatch.setenv("XDG_CACHE_HOME", "relative/cache")
+    assert default_cache_dir() == Path.home() / ".cache" / "vidscale"
+    monkeypatch.setenv("XDG_CACHE_HOME", "/srv/cache")
+    assert default_cache_dir() == Path("/srv/cache/vidscale")
 
 
 def test_output_is_the_input(tmp_path, refused):

@@ -46,6 +46,20 @@ def _tile(text: str) -> tuple[int, int] | None:
         raise argparse.ArgumentTypeError(str(exc)) from None
 
 
+def _cache_dir(text: str) -> Path:
+    if not text:
+        raise argparse.ArgumentTypeError("an empty path would put the cache in the working directory; "
+                                         "give a directory")
+    return Path(text)
+
+
+def _output_file(text: str) -> str:
+    # pathlib drops a trailing slash: "out.mkv/" would be written as the file out.mkv.
+    if text != "-" and text.endswith("/"):
+        raise argparse.ArgumentTypeError(f"{text} names a directory; give a file path, or - for stdout")
+    return text
+
+
 def _dedup(text: str) -> float | None:
     try:
         return parse_dedup(text)
@@ -135,7 +149,7 @@ class _Parser(argparse.ArgumentParser):
 
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="vidscale", description="Real-ESRGAN upscaling on OpenVINO.")
-    parser.add_argument("--cache-dir", type=Path, default=None,
+    parser.add_argument("--cache-dir", type=_cache_dir, default=None,
                         help="where converted models are kept (default: $VIDSCALE_CACHE_DIR, "
                              "else $XDG_CACHE_HOME/vidscale)")
     parser.add_argument("-q", "--quiet", action="store_true", help="print nothing but errors")
@@ -148,7 +162,7 @@ def build_parser() -> argparse.ArgumentParser:
                                             "fonts, chapters and metadata are copied unchanged.")
     video.add_argument("input", nargs="?", help="video file, or - for stdin")
     video.add_argument("-i", "--input", dest="input_option", metavar="INPUT", help="same as the positional INPUT")
-    video.add_argument("-o", "--output", required=True, help="file to write, or - for stdout")
+    video.add_argument("-o", "--output", type=_output_file, required=True, help="file to write, or - for stdout")
     video.add_argument("--overwrite", action="store_true", help="replace OUTPUT if it exists")
     video.add_argument("--resume", action="store_true",
                        help="work in segments kept in OUTPUT.vidscale-work/, so that running the same "

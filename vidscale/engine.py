@@ -44,7 +44,8 @@ def default_cache_dir() -> Path:
     if explicit:
         return Path(explicit)
     xdg = os.environ.get("XDG_CACHE_HOME")
-    return (Path(xdg) if xdg else Path.home() / ".cache") / "vidscale"
+    # The XDG spec: a relative path there is invalid and ignored (it would follow the working directory).
+    return (Path(xdg) if xdg and os.path.isabs(xdg) else Path.home() / ".cache") / "vidscale"
 
 
 @dataclass(frozen=True)
@@ -189,7 +190,7 @@ class Engine:
                               f"check that disk") from exc
 
     def _convert(self, xml: Path) -> None:
-        import torch  # the one place in the engine that runs torch: a warm cache skips it
+        import torch  # the one place in the engine that runs torch: a warm cache never converts
 
         xml.parent.mkdir(parents=True, exist_ok=True)
         module = self.model.module()
