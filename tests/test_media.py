@@ -260,6 +260,10 @@ def test_unknown_encoder_and_pixel_format_are_refused(tmp_path):
             VideoWriter(tmp_path / "a.mkv", reader, 64, 48, EncoderSettings(codec="libnope"))
         with pytest.raises(UsageError, match="libx264 cannot write pixel format rgb565"):
             VideoWriter(tmp_path / "b.mkv", reader, 64, 48, EncoderSettings(pix_fmt="rgb565"))
+        # An 8000x8000 source at x2: the encoder's "Function not implemented" is about the size.
+        with pytest.raises(UsageError, match=r"refused its settings \(Function not implemented\); check --preset, "
+                                             r"--crf, -x and --pix-fmt, or the 16000x16000 frame size"):
+            VideoWriter(tmp_path / "c.mkv", reader, 16000, 16000, EncoderSettings(codec="ffv1"))
     assert list(tmp_path.iterdir()) == [source]
 
 

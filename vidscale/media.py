@@ -259,6 +259,11 @@ def _sync(path: Path) -> None:
         os.close(fd)
 
 
+# Past this many pixels a side (8K), an encoder's refusal may be of the frame size: FFV1 took a
+# 12000x12000 frame here and refused 16000x16000 with "Function not implemented".
+_LARGEST_USUAL_SIDE = 8192
+
+
 def _alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
@@ -1167,8 +1172,10 @@ class VideoWriter:
                              f"{pix_fmt}, which stores colour at half size, with an odd side; use "
                              f"--pix-fmt yuv444p, or a scale that makes both sides even") from failure
         reason = said.last_line() or failure.strerror
+        size = (f", or the {self.width}x{self.height} frame size (beyond what many encoders take: use a "
+                f"smaller --scale)" if max(self.width, self.height) > _LARGEST_USUAL_SIDE else "")
         raise UsageError(f"encoder {codec.name} refused its settings ({reason}); check "
-                         f"--preset, --crf, -x and --pix-fmt") from failure
+                         f"--preset, --crf, -x and --pix-fmt{size}") from failure
 
     def _tag_video(self, stream, source):
         stream.metadata.update({k: v for k, v in source.metadata.items()
