@@ -201,7 +201,7 @@ def test_running_out_of_memory_is_one_line(tmp_path, refused, monkeypatch):
     (["--cache-dir", "", "models"], "argument --cache-dir: an empty path would put the cache in the working directory"),
     (["upscale", "in.mkv", "-o", "out.mkv/"], "argument -o/--output: out.mkv/ names a directory; give a file path"),
 ])
-def test_paths_that_mean_something_else_than_they_seem_are_refused(capsys, args, message):
+def test_paths_that_mean_other_than_they_seem_are_refused(capsys, args, message):
     with pytest.raises(SystemExit) as stopped:
         main(args)
     assert stopped.value.code == 2 and message in capsys.readouterr().err

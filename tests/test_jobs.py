@@ -110,7 +110,8 @@ def test_an_input_replaced_while_it_was_upscaled_gives_no_output_and_no_record(t
     out = tmp_path / "out"
     status, err = batch(str(source), "--output-dir", str(out), "-m", str(identity_x2), *FAST)
     assert status == EXIT_SOME_FAILED
-    assert f"{source} was replaced or written to while it was upscaled; the output was not kept, run the job again" in err
+    assert (f"{source} was replaced or written to while it was upscaled; the output was not kept, run the "
+            f"job again") in err
     assert list(out.iterdir()) == []  # the next run makes it from what the path holds then
 
 
@@ -200,7 +201,7 @@ codec = "ffv1"
     ('segment_seconds = 0\n[[job]]\ninputs = "a.mkv"\n', "segment_seconds = 0 is not valid"),
     ('ray = "auto"\nray_storage = "nfs"\n[[job]]\ninputs = "a.mkv"\n', "ray_storage = 'nfs' is not valid"),
     ('ray_storage = "object-store"\n[[job]]\ninputs = "a.mkv"\n', "only count with --ray"),
-    ('[[job]]\ninputs = "a.mkv"\ndedup = 255\n', "dedup threshold 255 must be at least 0 and below 255 (at 255 every frame"),
+    ('[[job]]\ninputs = "a.mkv"\ndedup = 255\n', "dedup threshold 255 must be at least 0 and below 255 (at 255"),
     ('[[job]]\ninputs = "a.mkv"\ndedup = "often"\n', "dedup 'often' is not off, exact or a number"),
     ('[[job]]\ninputs = "a.mkv"\ntemplate = "../{stem}.mkv"\n', "which is not a file inside the output"),
     ('[[job]]\ninputs = "a.mkv"\ntemplate = "/srv/{stem}.mkv"\n', "which is not a file inside the output"),

@@ -182,8 +182,9 @@ def build_parser() -> argparse.ArgumentParser:
     batch.add_argument("--template", help="output name, with {stem}, {name}, {parent} of the input "
                                           "(default: {stem}.upscaled.mkv)")
     batch.add_argument("--report", type=Path, help="write a JSON report of every job here")
-    batch.add_argument("--overwrite", action="store_true", help="replace existing outputs not done for this input and settings "
-                       "(a done one is skipped even so)")
+    batch.add_argument("--overwrite", action="store_true",
+                       help="replace existing outputs not done for this input and settings (a done one is "
+                            "skipped even so)")
     batch.add_argument("--ray", nargs="?", const="local", metavar="ADDRESS",
                        help="run the segments of the jobs as Ray tasks: with no ADDRESS on a Ray instance "
                             "started here, with auto or HOST:PORT on a running cluster (needs pip install "

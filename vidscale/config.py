@@ -35,7 +35,8 @@ def parse_dedup(value: str | float | None) -> float | None:
     except (TypeError, ValueError):
         raise ValueError(f"dedup {value!r} is not off, exact or a number") from None
     if isinstance(value, bool) or not 0 <= threshold < 255:
-        raise ValueError(f"dedup threshold {value!r} must be at least 0 and below 255 (at 255 every frame would be reused)")
+        raise ValueError(f"dedup threshold {value!r} must be at least 0 and below 255 "
+                         f"(at 255 every frame would be reused)")
     return threshold
 
 

@@ -180,14 +180,15 @@ class Engine:
             return read_ir(xml)
         except (OSError, RuntimeError, ElementTree.ParseError) as exc:
             if _out_of_memory(exc):
-                raise EngineError(f"reading the cached OpenVINO IR {xml} ran out of memory; {MORE_MEMORY}") from exc
+                raise EngineError(f"reading the cached OpenVINO IR {xml} ran out of memory; "
+                                  f"{MORE_MEMORY}") from exc
             # Missing, or damaged on disk: the cache is ours to make again.
             self._convert(xml)
         try:
             return read_ir(xml)
         except (OSError, RuntimeError, ElementTree.ParseError) as exc:
-            raise EngineError(f"the OpenVINO IR just written to {xml} cannot be read back ({first_line(exc)}); "
-                              f"check that disk") from exc
+            raise EngineError(f"the OpenVINO IR just written to {xml} cannot be read back "
+                              f"({first_line(exc)}); check that disk") from exc
 
     def _convert(self, xml: Path) -> None:
         import torch  # the one place in the engine that runs torch: a warm cache never converts
@@ -200,7 +201,8 @@ class Engine:
                 converted = ov.convert_model(module, example_input=torch.rand(1, 3, side, side))
         except RuntimeError as exc:
             if _out_of_memory(exc):
-                raise EngineError(f"converting {self.model.name} for OpenVINO ran out of memory; {MORE_MEMORY}") from exc
+                raise EngineError(f"converting {self.model.name} for OpenVINO ran out of memory; "
+                                  f"{MORE_MEMORY}") from exc
             raise
         # Write beside the target and rename, .bin first: a present .xml means a complete pair even
         # if another process or a crash interrupted a conversion.
@@ -363,9 +365,7 @@ def _weight_inside(size: int, f: int) -> np.ndarray:
 
 def _out_of_memory(exc: BaseException) -> bool:
     """Whether OpenVINO or torch failed for want of memory (under a ulimit or a container's limit)."""
-    text = str(exc)
-    return isinstance(exc, MemoryError) or any(
-        sign in text for sign in ("bad_alloc", "Cannot allocate memory", "can't allocate memory"))
+    return any(sign in str(exc) for sign in ("bad_alloc", "Cannot allocate memory", "can't allocate memory"))
 
 
 def read_ir(xml: Path) -> ov.Model:

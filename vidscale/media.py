@@ -159,7 +159,8 @@ def check_output(path: Path, inputs: list[Path], overwrite: bool) -> None:
     try:
         _check_output(path, inputs, overwrite)
     except OSError as exc:  # a path too long for the system, a folder that cannot be searched
-        raise UsageError(f"output {path} cannot be used ({exc.strerror}); choose another output path") from None
+        raise UsageError(f"output {path} cannot be used ({exc.strerror}); "
+                         f"choose another output path") from None
 
 
 # The longest name vidscale puts beside an output: a batch record's temporary file, with a pid of
@@ -175,8 +176,9 @@ def _check_name_length(path: Path) -> None:
     extra = len(_LONGEST_BESIDE.format(name=""))
     size = len(os.fsencode(path.name))
     if size + extra > name_max:
-        raise UsageError(f"output file name {path.name[:40]}... is {size} bytes; at most {name_max - extra} fit "
-                         f"beside the temporary and record files vidscale writes next to it; choose a shorter name")
+        raise UsageError(f"output file name {path.name[:40]}... is {size} bytes; at most {name_max - extra} "
+                         f"fit beside the temporary and record files vidscale writes next to it; choose a "
+                         f"shorter name")
 
 
 def _check_output(path: Path, inputs: list[Path], overwrite: bool) -> None:
@@ -257,11 +259,6 @@ def _sync(path: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
-
-
-# Past this many pixels a side (8K), an encoder's refusal may be of the frame size: FFV1 took a
-# 12000x12000 frame here and refused 16000x16000 with "Function not implemented".
-_LARGEST_USUAL_SIDE = 8192
 
 
 def _alive(pid: int) -> bool:
@@ -967,6 +964,11 @@ def output_pix_fmt(codec: av.Codec | str, settings: EncoderSettings, info: Video
 def is_deep(pix_fmt: str) -> bool:
     """More than 8 bits per sample: such output is fed 16-bit RGB so the extra bits are real."""
     return max(c.bits for c in av.VideoFormat(pix_fmt).components) > 8
+
+
+# Past this many pixels a side (8K), an encoder's refusal may be of the frame size: FFV1 took a
+# 12000x12000 frame here and refused 16000x16000 with "Function not implemented".
+_LARGEST_USUAL_SIDE = 8192
 
 
 class VideoWriter:

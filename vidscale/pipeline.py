@@ -7,8 +7,8 @@ import queue
 import threading
 import time
 from collections import OrderedDict
-from contextlib import ExitStack
 from collections.abc import Callable
+from contextlib import ExitStack
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -397,10 +397,9 @@ def upscale_video(source, destination, settings: UpscaleSettings = UpscaleSettin
                                         overwrite)
         # In one piece, its work directory is still held as a segmented run holds it: a batch
         # overlapping this one (a timer's next run) then leaves the job to it instead of making
-        # the same output and failing on it.
+        # the same output and failing on it. Nothing is kept there: the directory goes however
+        # the run ends, while the lock is still held.
         if resume is not None:
-            # Removed however the run ends (a run in one piece keeps nothing there), while the
-            # lock is still held.
             held.callback(held.enter_context(WorkDir(Path(destination), resume)).remove)
         with VideoWriter(destination, reader, out_w, out_h, encoder, on_commit=on_commit,
                          replace=overwrite) as writer:

@@ -14,9 +14,10 @@ The work directory, `<output>.vidscale-work/`:
                         frame count matched: first pts, frames, exact packet timestamps, headers
 
 A segment file without a record and temporary files are what a stopped run left: deleted, and
-the segment is done again, as is one that holds fewer packets than its record says (damaged). Segments start at keyframe packets of the source (the first, then the
-first at least `segment_seconds` after the current segment's start; see segment_starts), read
-from the file before decoding, so every run over the same input, and every machine upscaling one
+the segment is done again, as is one that holds fewer packets than its record says (damaged).
+Segments start at keyframe packets of the source (the first, then the first at least
+`segment_seconds` after the current segment's start; see segment_starts), read from the file
+before decoding, so every run over the same input, and every machine upscaling one
 segment of it on its own (distributed.py), cuts in the same places.
 """
 
