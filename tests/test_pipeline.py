@@ -382,10 +382,23 @@ def test_frames_in_flight_stay_bounded(tmp_path, cache_dir, identity_x2, monkeyp
     ({"dedup": "sometimes"}, "dedup 'sometimes' is not off, exact or a number"),
     ({"speed": 3}, "unknown setting speed"),
     ({"strict": "no"}, "strict and overwrite are True or False"),
+    ({"progress": "none"}, "progress = 'none' is not a vidscale.progress.Progress"),
+    # Frozen settings built by a program are checked too: these failed deep in the run as an
+    # AttributeError, a TypeError and a numpy error.
+    ({"settings": vidscale.UpscaleSettings(cache_dir="/srv/cache")}, r"cache_dir = '/srv/cache' is not a valid value; "
+                                                                     r"give a Path \| None"),
+    ({"settings": vidscale.UpscaleSettings(tile="32")}, "tile = '32' is not a valid value"),
+    ({"settings": vidscale.UpscaleSettings(tile=(32,))}, r"tile = \(32,\) is not a valid value"),
+    ({"settings": vidscale.UpscaleSettings(dedup="off")}, "dedup = 'off' is not a valid value; give a float"),
 ])
 def test_python_api_checks_its_settings_before_any_work(tmp_path, change, message):
     with pytest.raises(vidscale.UsageError, match=message):
         vidscale.upscale(tmp_path / "missing.mkv", tmp_path / "out.mkv", **change)
+
+
+def test_a_frame_upscaler_checks_settings_a_program_built(cache_dir, identity_x2):
+    with pytest.raises(vidscale.UsageError, match=r"FrameUpscaler: UpscaleSettings scale = 2.5 is not a valid value"):
+        vidscale.FrameUpscaler(vidscale.UpscaleSettings(model=str(identity_x2), cache_dir=cache_dir, scale=2.5))
 
 
 def test_python_api_takes_settings_as_a_job_file_spells_them(tmp_path, cache_dir, identity_x2):

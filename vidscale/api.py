@@ -6,11 +6,12 @@ import os
 from dataclasses import replace
 from pathlib import Path
 
-from .config import UpscaleSettings
+from .config import UpscaleSettings, check_settings
 from .errors import UsageError
 from .jobs import ENCODER_KEYS, checked_values
 from .media import EncoderSettings
 from .pipeline import VideoResult, upscale_video
+from .progress import Progress
 
 
 def upscale(source: str | os.PathLike | object, destination: str | os.PathLike, *,
@@ -27,6 +28,9 @@ def upscale(source: str | os.PathLike | object, destination: str | os.PathLike, 
         raise UsageError("upscale(): settings must be an UpscaleSettings and encoder an EncoderSettings")
     if not isinstance(strict, bool) or not isinstance(overwrite, bool):
         raise UsageError("upscale(): strict and overwrite are True or False")
+    if progress is not None and not isinstance(progress, Progress):
+        raise UsageError(f"upscale(): progress = {progress!r} is not a vidscale.progress.Progress (or None)")
+    check_settings(settings, "upscale()")
     cache_dir = changes.pop("cache_dir", None)
     if cache_dir is not None and not isinstance(cache_dir, (str, os.PathLike)):
         raise UsageError(f"upscale(): cache_dir = {cache_dir!r} is not a path")

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import dataclasses
+import typing
 from dataclasses import dataclass
 from pathlib import Path
 
+from .errors import UsageError
 from .tiling import DEFAULT_OVERLAP
 
 DEFAULT_VIDEO_MODEL = "realesr-animevideov3"
@@ -62,6 +65,29 @@ class UpscaleSettings:
     dedup: float | None = DEFAULT_DEDUP
     """Video only: reuse the last upscaled frame for source frames that match it (see
     pipeline.frames_match); None turns it off, 0 reuses identical frames only."""
+
+
+def check_settings(settings: UpscaleSettings, where: str) -> None:
+    """Refuse an UpscaleSettings built with a value of the wrong type (a program's
+    `UpscaleSettings(tile="32")`), which would fail later as a TypeError deep inside the run."""
+    hints = typing.get_type_hints(UpscaleSettings)
+    for field in dataclasses.fields(UpscaleSettings):
+        value = getattr(settings, field.name)
+        if not fits(value, hints[field.name]) or (field.name == "tile" and value is not None and not (
+                len(value) == 2 and all(isinstance(t, int) and not isinstance(t, bool) for t in value))):
+            raise UsageError(f"{where}: UpscaleSettings {field.name} = {value!r} is not a valid value; give a "
+                             f"{hints[field.name]}".replace("typing.", "").replace("pathlib.", ""))
+
+
+def fits(value, hint) -> bool:
+    """Whether `value` is of the type `hint` names (X, or X | Y), a bool not counting as a number."""
+    allowed = tuple(typing.get_origin(t) or t for t in (typing.get_args(hint) or (hint,)))
+    allowed = tuple(type(None) if t is None else t for t in allowed)
+    if isinstance(value, bool):
+        return bool in allowed
+    if isinstance(value, int) and float in allowed:
+        return True
+    return isinstance(value, allowed)
 
 
 RAY_STORAGES = ("shared", "object-store")

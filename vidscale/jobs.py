@@ -38,7 +38,7 @@ import typing
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from .config import RAY_STORAGES, UpscaleSettings, parse_dedup
+from .config import RAY_STORAGES, UpscaleSettings, fits, parse_dedup
 from .errors import EXIT_SOME_FAILED, MediaError, UsageError, VidscaleError
 from .media import OUTPUT_FORMATS, EncoderSettings, check_readable
 from .pipeline import upscale_video
@@ -124,19 +124,9 @@ def checked_values(values: dict, where: str) -> dict:
         values["options"] = tuple((str(k), str(v)) for k, v in values["options"].items())
     hints = typing.get_type_hints(UpscaleSettings) | typing.get_type_hints(EncoderSettings) | {"strict": bool}
     for key, value in values.items():
-        if key not in ("tile", "dedup", "options") and not _fits(value, hints[key]):
+        if key not in ("tile", "dedup", "options") and not fits(value, hints[key]):
             raise UsageError(f"{where}: {key} = {value!r} is not a valid value; see `vidscale upscale --help`")
     return values
-
-
-def _fits(value, hint) -> bool:
-    allowed = tuple(typing.get_origin(t) or t for t in (typing.get_args(hint) or (hint,)))
-    allowed = tuple(type(None) if t is None else t for t in allowed)
-    if isinstance(value, bool):
-        return bool in allowed
-    if isinstance(value, int) and float in allowed:
-        return True
-    return isinstance(value, allowed)
 
 
 def expand_inputs(pattern: str, base: Path) -> list[Path]:

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .config import UpscaleSettings
+from .config import UpscaleSettings, check_settings
 from .engine import COMPILED_CACHE_SIZE, Engine, EngineSettings, InferQueue, Upscaler
 from .errors import MediaError, UsageError
 from .media import (EncoderSettings, VideoFrame, VideoReader, VideoWriter, check_output, is_deep,
@@ -72,6 +72,7 @@ class FrameUpscaler:
 
     def __init__(self, settings: UpscaleSettings = UpscaleSettings(), model: LoadedModel | None = None,
                  calibration: list[np.ndarray] | None = None, evaluation: list[np.ndarray] | None = None):
+        check_settings(settings, "FrameUpscaler")
         if settings.overlap < 0:
             raise UsageError(f"overlap {settings.overlap} is negative; give --overlap 0 or more input pixels")
         self.model = model if model is not None else resolve(settings.model)
