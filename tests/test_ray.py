@@ -234,11 +234,13 @@ def test_a_worker_killed_mid_segment_is_retried_and_the_job_completes(tmp_path, 
     tasks = segment_count(source, 0.4)
     rows = new_attempts(before, tasks + 1)
     failed = [r for r in rows if r["state"] == "FAILED"]
-    assert [r["attempt_number"] for r in failed] == [0]
-    # Only the killed segment ran again, once.
-    assert [(r["attempt_number"], r["state"]) for r in rows if r["task_id"] == failed[0]["task_id"]] == [
-        (0, "FAILED"), (1, "FINISHED")]
-    assert len(rows) == tasks + 1
+    # The killed worker's segment failed, and with it any segment Ray had already queued on that
+    # worker (seen once in CI: two). Each of those ran again, once; no other segment did.
+    assert failed and all(r["attempt_number"] == 0 for r in failed)
+    for task in {r["task_id"] for r in failed}:
+        assert [(r["attempt_number"], r["state"]) for r in rows if r["task_id"] == task] == [
+            (0, "FAILED"), (1, "FINISHED")]
+    assert len(rows) == tasks + len(failed)
     assert sorted(p.name for p in out.iterdir()) == ["long.upscaled.mkv", "long.upscaled.mkv.vidscale.json"]
 
     assert batch(str(source), "--output-dir", str(tmp_path / "local"), *LOSSLESS)[0] == 0
