@@ -251,16 +251,11 @@ class Engine:
         precision = self.precision_for(sample)
         key = (h, w, batch, outscale, sample, precision, self.settings.device, streams)
         with self._lock:
-            upscaler = self._compiled.get(key)
-            if upscaler is not None:
-                self._compiled.move_to_end(key)
-            else:
+            upscaler = recall(self._compiled, key)
+            if upscaler is None:
                 ir = self._int8_ir.clone() if self._int8_ir is not None else self.float_ir()
-                upscaler = self.wrap(ir, h, w, batch=batch, outscale=outscale, sample=sample,
-                                     precision=precision, streams=streams)
-                self._compiled[key] = upscaler
-                if len(self._compiled) > COMPILED_CACHE_SIZE:
-                    self._compiled.popitem(last=False)
+                upscaler = keep(self._compiled, key, self.wrap(ir, h, w, batch=batch, outscale=outscale,
+                                                              sample=sample, precision=precision, streams=streams))
         return upscaler if requests in (0, upscaler.requests) else upscaler.with_requests(requests)
 
     def wrap(self, ir: ov.Model, h: int, w: int, *, batch: int, outscale: int, sample: str,
@@ -361,6 +356,22 @@ def _weight_inside(size: int, f: int) -> np.ndarray:
     taps, before = _bicubic_taps(f)
     inside = np.pad(np.ones(size), (before, len(taps) - f - before))
     return np.correlate(inside, taps, mode="valid")[::f]
+
+
+def recall(cache: OrderedDict, key):
+    """What a cache of compiled models holds under `key` (None: nothing), now its most recent."""
+    value = cache.get(key)
+    if value is not None:
+        cache.move_to_end(key)
+    return value
+
+
+def keep(cache: OrderedDict, key, value):
+    """`value` kept under `key` in a cache of the last COMPILED_CACHE_SIZE used; returned."""
+    cache[key] = value
+    if len(cache) > COMPILED_CACHE_SIZE:
+        cache.popitem(last=False)
+    return value
 
 
 def _out_of_memory(exc: BaseException) -> bool:

@@ -442,8 +442,14 @@ def run_jobs(jobs: list[Job], *, overwrite: bool = False, segment_seconds: float
     report = BatchReport([])
     started = time.monotonic()
     for number, job in enumerate(jobs):
-        if is_done(job):
+        # Once per job: telling a changed input from a touched one may hash it whole.
+        mismatch = _mismatch(job)
+        if mismatch == "":
             result = JobResult(str(job.source), str(job.output), "skipped")
+        elif mismatch and not overwrite:
+            # Its record kept as it is: true of the output it describes.
+            on_start(job)
+            result = failed_result(job, f"output {job.output} {mismatch}; pass --overwrite to replace it")
         else:
             on_start(job)
             try:
@@ -502,9 +508,6 @@ def run_job(job: Job, overwrite: bool, segment_seconds: float, progress=None) ->
     KeyboardInterrupt goes through (the job's temporary output is gone, its segments kept)."""
     try:
         prepare_output(job)  # the input checked before resume_for fingerprints it
-        if not overwrite and (why := _mismatch(job)):
-            # Its record kept as it is: true of the output it describes.
-            return failed_result(job, f"output {job.output} {why}; pass --overwrite to replace it")
         result = upscale_video(job.source, job.output, job.settings, job.encoder, strict=job.strict,
                                overwrite=overwrite, progress=progress,
                                resume=resume_for(job, segment_seconds), on_commit=sidecar_writer(job))

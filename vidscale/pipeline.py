@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from .config import UpscaleSettings, check_settings
-from .engine import COMPILED_CACHE_SIZE, Engine, EngineSettings, InferQueue, Upscaler
+from .engine import Engine, EngineSettings, InferQueue, Upscaler, keep, recall
 from .errors import MediaError, UsageError
 from .media import (EncoderSettings, VideoFrame, VideoReader, VideoWriter, check_output, is_deep,
                     join_segments, output_pix_fmt, read_image)
@@ -128,12 +128,12 @@ class FrameUpscaler:
         """The compiled model for this plan's tiles: with --tune, compiled and queued as measured
         fastest (streams, tiles per request, requests in flight)."""
         key = (plan.height, plan.width, sample)
-        upscaler = _recall(self._upscalers, key)
+        upscaler = recall(self._upscalers, key)
         if upscaler is None:
             choice = self._tuned.get(key)
             options = {} if choice is None else {"streams": choice.streams, "batch": choice.batch,
                                                  "requests": choice.requests}
-            upscaler = _keep(self._upscalers, key, self.engine.upscaler(plan.tile_shape, outscale=self.scale,
+            upscaler = keep(self._upscalers, key, self.engine.upscaler(plan.tile_shape, outscale=self.scale,
                                                                         sample=sample, **options))
         return upscaler
 
@@ -159,25 +159,10 @@ class FrameUpscaler:
         return stitch(plan, results)
 
     def _queue(self, upscaler: Upscaler) -> InferQueue:
-        queue = _recall(self._queues, upscaler)
+        queue = recall(self._queues, upscaler)
         if queue is None:
-            queue = _keep(self._queues, upscaler, upscaler.queue(_store_tile))
+            queue = keep(self._queues, upscaler, upscaler.queue(_store_tile))
         return queue
-
-
-def _recall(cache: OrderedDict, key):
-    value = cache.get(key)
-    if value is not None:
-        cache.move_to_end(key)
-    return value
-
-
-def _keep(cache: OrderedDict, key, value):
-    """`value` kept under `key` in a cache of the last COMPILED_CACHE_SIZE used."""
-    cache[key] = value
-    if len(cache) > COMPILED_CACHE_SIZE:
-        cache.popitem(last=False)
-    return value
 
 
 def submit_tiles(queue: InferQueue, tiles: np.ndarray, target) -> None:
