@@ -132,6 +132,30 @@ def best_of(script: str, rounds: int, jobs: list[dict]) -> list[dict]:
     return best
 
 
+def multiply_adds_per_pixel(module) -> float:
+    """Multiply-adds per input pixel of the convolutions in `module` (a model's torch network),
+    counted by forward hooks on a small input. Times the pixels a compiled model takes per second,
+    it is the arithmetic rate the model sustains, to set beside the machine's peak: how much any
+    better scheduling could still gain."""
+    import torch
+
+    side = 32
+    total = 0
+
+    def count(layer, _inputs, output) -> None:
+        nonlocal total
+        total += output.numel() * layer.in_channels // layer.groups * layer.kernel_size[0] * layer.kernel_size[1]
+
+    hooks = [layer.register_forward_hook(count) for layer in module.modules() if isinstance(layer, torch.nn.Conv2d)]
+    try:
+        with torch.no_grad():
+            module(torch.zeros(1, 3, side, side))
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return total / side**2
+
+
 def bare_seconds(compiled, requests: int) -> float:
     """Seconds the compiled model (a vidscale Upscaler) takes for `requests` requests with every
     request slot kept busy, as benchmark_app measures, after one round that is not timed: the

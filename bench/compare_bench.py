@@ -32,7 +32,8 @@ from pathlib import Path
 import av
 import numpy as np
 
-from common import DEFAULT_CLIP, WARM_UP, FrameClock, bare_seconds, best_of, cut, peak_rss_mb, serve_child, synthetic_clip
+from common import (DEFAULT_CLIP, WARM_UP, FrameClock, bare_seconds, best_of, cut, multiply_adds_per_pixel, peak_rss_mb,
+                    serve_child, synthetic_clip)
 
 MODELS = ["realesr-animevideov3", "RealESRGAN_x4plus_anime_6B"]
 SYNTHETIC = "synthetic"
@@ -73,7 +74,7 @@ def child(kind: str, model: str, clip: str, precision: str, cache: str) -> dict:
 def _run(kind: str, model: str, clip: str, precision: str, cache: str) -> dict:
     from vidscale.models import resolve
 
-    reused = 0
+    reused, gflops = 0, None
     clock, engine = FrameClock(), _EngineClock()
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "out.mkv"
@@ -100,7 +101,10 @@ def _run(kind: str, model: str, clip: str, precision: str, cache: str) -> dict:
             plan = upscaler.plan(*first.shape[:2])
             compiled = upscaler.upscaler_for(plan, "u8")
             frames = total
-            fps = total / bare_seconds(compiled, total * len(plan))
+            seconds = bare_seconds(compiled, total * len(plan))
+            fps = total / seconds
+            pixels = total * len(plan) * np.prod(compiled.input_shape[:3])
+            gflops = pixels * 2 * multiply_adds_per_pixel(resolve(model).module()) / seconds / 1e9
         elif kind == "torch":
             import torch
 
@@ -138,7 +142,8 @@ def _run(kind: str, model: str, clip: str, precision: str, cache: str) -> dict:
 
             frames = _per_frame_loop(clip, out, clock, upscale)
             fps = clock.fps()
-    return {"fps": fps, "engine_fps": engine.fps(), "frames": frames, "reused": reused, "rss_mb": peak_rss_mb()}
+    return {"fps": fps, "engine_fps": engine.fps(), "frames": frames, "reused": reused, "rss_mb": peak_rss_mb(),
+            "gflops": gflops}
 
 
 def _per_frame_loop(clip: str, out: Path, clock: FrameClock, upscale) -> int:
@@ -222,7 +227,8 @@ def _cells(results: dict, kinds: list[str]) -> str:
     rss = "/".join(f"{results[k]['rss_mb']:.0f}" for k in kinds)
     reuse = results["vidscale+reuse"]
     engines = ", ".join(f"{k} {results[k]['engine_fps']:.3f}" for k in kinds if results[k].get("engine_fps"))
-    return f"{cells}   {rss}, reused {reuse['reused']}/{reuse['frames']}; model call alone: {engines} fps"
+    return (f"{cells}   {rss}, reused {reuse['reused']}/{reuse['frames']}; model call alone: {engines} fps; "
+            f"bare model {results['bare']['gflops']:.0f} GFLOP/s")
 
 
 if __name__ == "__main__":

@@ -21,6 +21,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from common import multiply_adds_per_pixel
 from vidscale.engine import Engine, EngineSettings
 from vidscale.models import resolve
 from vidscale.pipeline import calibration_frames
@@ -81,12 +82,13 @@ def main() -> None:
     print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores; "
           f"torch {torch.__version__} threads {torch.get_num_threads()}; {args.seconds:.0f} s per cell")
     header = f"{'model':28} {'tile HxW':>9} {'precision':>9} {'req':>3} {'OpenVINO fps':>12} " \
-             f"{'torch fps':>9} {'OV/torch':>8} {'Mpx/s out':>9}"
+             f"{'torch fps':>9} {'OV/torch':>8} {'Mpx/s out':>9} {'OV GFLOP/s':>10}"
     print(header)
     print("-" * len(header))
     for name in args.models:
         model = resolve(name)
         module = model.module()
+        flops_per_pixel = 2 * multiply_adds_per_pixel(module)
         for text in args.shapes or DEFAULT_CASES.get(name, ["128x128"]):
             shape = tuple(int(v) for v in text.split("x"))
             eager = torch_fps(module, shape, args.seconds)
@@ -95,8 +97,9 @@ def main() -> None:
                 engine = Engine(model, EngineSettings(precision=precision, cache_dir=cache_dir), frames)
                 fps, requests = openvino_fps(engine, shape, args.seconds)
                 out_mpx = fps * shape[0] * shape[1] * model.spec.scale**2 / 1e6
+                gflops = fps * shape[0] * shape[1] * flops_per_pixel / 1e9
                 print(f"{name:28} {text:>9} {precision:>9} {requests:>3} {fps:12.3f} {eager:9.3f} "
-                      f"{fps / eager:8.2f} {out_mpx:9.2f}", flush=True)
+                      f"{fps / eager:8.2f} {out_mpx:9.2f} {gflops:10.0f}", flush=True)
 
 
 if __name__ == "__main__":
