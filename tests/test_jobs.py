@@ -390,6 +390,7 @@ def test_a_signal_stops_the_run_cleanly_and_leaves_nothing(tmp_path, cache_dir, 
         report = json.loads((tmp_path / "report.json").read_text())
         assert report["interrupted"] is True
         assert [(j["status"], j["error"]) for j in report["jobs"]] == [("failed", "interrupted")]
+        assert report["jobs"][0]["seconds"] > 0  # the time it ran before the stop, spent all the same
 
 
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])

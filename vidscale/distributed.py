@@ -426,7 +426,7 @@ class _Driver:
         self._cancel(list(run.pending))
         if not run.work.records:
             run.work.remove()
-        self._finish(run.number, run.job, failed_result(run.job, error))
+        self._finish(run.number, run.job, failed_result(run.job, error, time.monotonic() - run.started))
 
     def _cancel(self, refs: list) -> None:
         # Ray's gentle cancel (a KeyboardInterrupt in the task) did not stop a running segment in
@@ -440,7 +440,7 @@ class _Driver:
         self._cancel([ref for run in self.runs.values() for ref in run.pending])
         for number, run in self.runs.items():
             run.work.__exit__(None, None, None)
-            self.results[number] = interrupted_result(run.job)
+            self.results[number] = interrupted_result(run.job, time.monotonic() - run.started)
         self.runs.clear()
 
     def _clean_machines(self) -> None:

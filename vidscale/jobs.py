@@ -452,11 +452,12 @@ def run_jobs(jobs: list[Job], *, overwrite: bool = False, segment_seconds: float
             result = failed_result(job, f"output {job.output} {mismatch}; pass --overwrite to replace it")
         else:
             on_start(job)
+            job_started = time.monotonic()
             try:
                 result = run_job(job, overwrite, segment_seconds, progress(job))
             except KeyboardInterrupt as exc:
                 # Every job in the report, those the stop kept from starting too.
-                report.results += [interrupted_result(job)] + [
+                report.results += [interrupted_result(job, time.monotonic() - job_started)] + [
                     JobResult(str(later.source), str(later.output), "failed", error="not run: the batch was stopped")
                     for later in jobs[number + 1:]]
                 report.seconds, report.interrupted = time.monotonic() - started, True
@@ -475,8 +476,8 @@ class BatchInterrupted(KeyboardInterrupt):
         self.report, self.cause = report, cause
 
 
-def interrupted_result(job: Job) -> JobResult:
-    return JobResult(str(job.source), str(job.output), "failed", error="interrupted")
+def interrupted_result(job: Job, seconds: float) -> JobResult:
+    return JobResult(str(job.source), str(job.output), "failed", seconds=round(seconds, 3), error="interrupted")
 
 
 def failure_message(job: Job, exc: Exception) -> str:
@@ -488,9 +489,10 @@ def failure_message(job: Job, exc: Exception) -> str:
     return f"{type(exc).__name__}: {exc}"
 
 
-def failed_result(job: Job, exc: Exception | str) -> JobResult:
+def failed_result(job: Job, exc: Exception | str, seconds: float = 0.0) -> JobResult:
+    """`seconds`: how long the job ran before it failed (a night's budget went there too)."""
     error = exc if isinstance(exc, str) else failure_message(job, exc)
-    return JobResult(str(job.source), str(job.output), "failed", error=error)
+    return JobResult(str(job.source), str(job.output), "failed", seconds=round(seconds, 3), error=error)
 
 
 def prepare_output(job: Job) -> None:
@@ -506,6 +508,7 @@ def run_job(job: Job, overwrite: bool, segment_seconds: float, progress=None) ->
     """One job, wherever it runs (here, or in a Ray worker). Every failure becomes a failed
     JobResult, never an exception, so that Ray does not retry what retrying cannot fix; only
     KeyboardInterrupt goes through (the job's temporary output is gone, its segments kept)."""
+    started = time.monotonic()
     try:
         prepare_output(job)  # the input checked before resume_for fingerprints it
         result = upscale_video(job.source, job.output, job.settings, job.encoder, strict=job.strict,
@@ -515,7 +518,7 @@ def run_job(job: Job, overwrite: bool, segment_seconds: float, progress=None) ->
         # A batch overlapping an earlier one (a timer's runs, two shells): that run makes it.
         return JobResult(str(job.source), str(job.output), "skipped", error=str(exc))
     except Exception as exc:  # noqa: BLE001 - one broken job must not stop a night's batch
-        return failed_result(job, exc)
+        return failed_result(job, exc, time.monotonic() - started)
     return JobResult(str(job.source), str(job.output), "done", frames=result.frames,
                      seconds=round(result.seconds, 3), fps=round(result.fps, 3),
                      corrupt_packets=result.corrupt_packets, lost_at_start=result.lost_at_start,
