@@ -1,5 +1,9 @@
 """The OpenVINO engine: static shapes, in-graph pre/post-processing, caches, devices, callbacks."""
 
+import os
+import subprocess
+import sys
+import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -221,6 +225,26 @@ def test_a_damaged_cached_ir_is_converted_again(identity_model, tmp_path, capfd,
     read_ir(xml)  # written again whole, for the next run
     # OpenVINO, given damaged XML, tries every frontend, and TensorFlow's logs to stderr.
     assert capfd.readouterr().err == ""
+
+
+def test_a_conversion_removes_what_a_killed_conversion_left_in_the_cache(identity_model, tmp_path):
+    settings = EngineSettings(precision="f32", cache_dir=tmp_path)
+    Engine(resolve(identity_model), settings).upscaler((8, 8))
+    (xml,) = (tmp_path / "ir").glob("*.xml")
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                          text=True, check=True).stdout.strip()
+    killed = [xml.with_name(f".{xml.stem}.{gone}.140213.{suffix}") for suffix in ("xml", "bin")]
+    running = xml.with_name(f".{xml.stem}.{os.getppid()}.140213.bin")  # a live run's, however old
+    just_now = xml.with_name(f".{xml.stem}.{gone}.140214.bin")  # may be another machine's, mid-write
+    hour_ago = time.time() - 3600
+    for leftover in (*killed, running, just_now):
+        leftover.write_bytes(b"half a model")
+    for leftover in (*killed, running):
+        os.utime(leftover, (hour_ago, hour_ago))
+    xml.unlink()  # the killed run's conversion: the next run converts again
+    Engine(resolve(identity_model), settings).upscaler((8, 8))
+    assert sorted(p.name for p in xml.parent.iterdir()) == sorted(
+        [xml.name, xml.with_suffix(".bin").name, running.name, just_now.name])
 
 
 def test_a_cached_ir_that_cannot_be_read_for_want_of_memory_is_not_taken_for_damaged(identity_model, tmp_path,

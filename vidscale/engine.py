@@ -25,6 +25,7 @@ import openvino.opset13 as ops
 from openvino.preprocess import PrePostProcessor
 
 from .errors import MORE_MEMORY, EngineError, UsageError, first_line
+from .files import temporary_beside
 
 PRECISIONS = ("auto", "f32", "bf16", "f16", "int8")
 # Element type of the frames on both sides of the graph. "f32" is the raw model: float NHWC in [0, 1]
@@ -206,7 +207,7 @@ class Engine:
             raise
         # Write beside the target and rename, .bin first: a present .xml means a complete pair even
         # if another process or a crash interrupted a conversion.
-        tmp = xml.with_name(f".{xml.stem}.{os.getpid()}.{threading.get_ident()}.xml")
+        tmp = temporary_beside(xml)
         with cache_writes(tmp):
             ov.save_model(converted, tmp, compress_to_fp16=False)
             os.replace(tmp.with_suffix(".bin"), xml.with_suffix(".bin"))

@@ -22,6 +22,7 @@ import numpy as np
 from av.video.reformatter import ColorRange, Colorspace, Interpolation, VideoReformatter
 
 from .errors import MediaError, OutputClosedError, UsageError
+from .files import alive
 
 # PyAV's logging bridge can deadlock when FFmpeg logs from worker threads; errors reach us as
 # exceptions anyway.
@@ -216,7 +217,7 @@ def atomic_output(path: Path, before_rename: Callable[[Path], None] | None = Non
     path elsewhere would collide with this one anyway."""
     for stale in path.parent.glob(f".{glob.escape(path.name)}.*.partial"):
         pid = stale.name[len(path.name) + 2 : -len(".partial")]
-        if pid.isdigit() and not _alive(int(pid)):
+        if pid.isdigit() and not alive(int(pid)):
             stale.unlink(missing_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.partial")
     try:
@@ -259,16 +260,6 @@ def _sync(path: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True  # another user's
-    return True
 
 
 # ---------------------------------------------------------------------------------------------

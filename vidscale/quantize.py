@@ -15,7 +15,6 @@ import io
 import json
 import logging
 import os
-import threading
 from collections.abc import Sequence
 from dataclasses import replace
 from pathlib import Path
@@ -26,6 +25,7 @@ import openvino as ov
 
 from .engine import Engine, cache_writes, read_ir
 from .errors import EngineError, UsageError
+from .files import temporary_beside
 from .tiling import round_up
 
 # PSNR (dB) of the INT8 model's u8 output against f32's on the gate's crops, all crops pooled
@@ -229,7 +229,7 @@ def int8_model(engine: Engine, frames: Sequence[np.ndarray] | None,
 
 
 def _write_record(path: Path, record: dict) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}")
+    tmp = temporary_beside(path)
     tmp.write_text(json.dumps(record))
     os.replace(tmp, path)
 
@@ -238,7 +238,7 @@ def _save(model: ov.Model, xml: Path, record: dict) -> None:
     # The record first, then the .bin, then the .xml, each renamed into place: a present .xml
     # means a complete set even after a crash or a concurrent run.
     xml.parent.mkdir(parents=True, exist_ok=True)
-    tmp = xml.with_name(f".{xml.stem}.{os.getpid()}.{threading.get_ident()}.xml")
+    tmp = temporary_beside(xml)
     with cache_writes(tmp):
         _write_record(xml.with_suffix(".json"), record)
         ov.save_model(model, tmp, compress_to_fp16=False)

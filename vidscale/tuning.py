@@ -23,6 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from .engine import Engine
+from .files import temporary_beside
 from .tiling import choose_tile, plan_tiles, round_up
 
 TUNING_FILE = "tuning.json"
@@ -144,6 +145,6 @@ def _load(path: Path) -> dict:
 
 def _save(path: Path, known: dict) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}")
+    tmp = temporary_beside(path)
     tmp.write_text(json.dumps(known, indent=1))
     os.replace(tmp, path)
