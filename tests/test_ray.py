@@ -187,6 +187,13 @@ def test_a_bad_input_fails_once_with_the_usual_message_and_status(tmp_path, batc
     assert [(r["attempt_number"], r["state"]) for r in new_attempts(before, 1)] == [(0, "FINISHED")]
     assert sorted(p.name for p in (tmp_path / "ray").iterdir()) == ["ep1.upscaled.mkv",
                                                                     "ep1.upscaled.mkv.vidscale.json"]
+    # Other settings, no --overwrite: refused with the reason a local run gives, before any task.
+    before = attempts()
+    status, err = batch(str(jobs), *LOSSLESS, "--dedup", "off")
+    assert status == EXIT_SOME_FAILED, err
+    assert (f"{good}: failed: output {tmp_path / 'ray' / 'ep1.upscaled.mkv'} was made with other settings "
+            f"than this job's; pass --overwrite to replace it") in err.splitlines()
+    assert new_attempts(before, 0) == []
 
 
 def test_a_segment_that_fails_by_itself_fails_its_job_once(tmp_path, batch, ray_instance):

@@ -40,7 +40,8 @@ import numpy as np
 from .errors import UsageError, first_line
 from .config import RAY_STORAGES
 from .jobs import (BatchInterrupted, BatchReport, Job, JobResult, failed_result, failure_message,
-                   interrupted_result, is_done, prepare_output, resume_for, sidecar_writer)
+                   interrupted_result, output_mismatch, prepare_output, resume_for, sidecar_writer,
+                   stale_output_result)
 from .media import VideoReader, atomic_output, check_output, join_segments
 from .pipeline import FrameUpscaler, SegmentResult, calibration_frames, upscale_segment
 from .segments import DEFAULT_SEGMENT_SECONDS, WorkDir, segment_starts
@@ -299,10 +300,14 @@ class _Driver:
 
     def _open(self, number: int, job: Job) -> None:
         remote = absolute(job)
-        if is_done(remote):
+        mismatch = output_mismatch(remote)
+        if mismatch == "":
             self._finish(number, job, JobResult(str(job.source), str(job.output), "skipped"))
             return
         self.on_start(job)
+        if mismatch and not self.overwrite:
+            self._finish(number, job, stale_output_result(job, mismatch))
+            return
         try:
             run = self._prepare(number, job, remote)
         except Exception as exc:  # noqa: BLE001 - one broken job must not stop a night's batch

@@ -339,14 +339,10 @@ def sidecar_path(output: Path) -> Path:
     return output.with_name(output.name + SIDECAR_SUFFIX)
 
 
-def is_done(job: Job) -> bool:
-    """The output exists and its sidecar says it was made from this very input with these settings."""
-    return _mismatch(job) == ""
-
-
-def _mismatch(job: Job) -> str | None:
+def output_mismatch(job: Job) -> str | None:
     """How `job`'s existing output differs from what the job would make, by its sidecar: "" it
-    does not, None when there is no readable sidecar (or no output) to tell."""
+    does not (the job is done: made from this very input with these settings), None when there
+    is no readable sidecar (or no output) to tell."""
     try:
         state = json.loads(sidecar_path(job.output).read_text())
         if job.output.stat().st_size != state["output_size"]:
@@ -443,13 +439,12 @@ def run_jobs(jobs: list[Job], *, overwrite: bool = False, segment_seconds: float
     started = time.monotonic()
     for number, job in enumerate(jobs):
         # Once per job: telling a changed input from a touched one may hash it whole.
-        mismatch = _mismatch(job)
+        mismatch = output_mismatch(job)
         if mismatch == "":
             result = JobResult(str(job.source), str(job.output), "skipped")
         elif mismatch and not overwrite:
-            # Its record kept as it is: true of the output it describes.
             on_start(job)
-            result = failed_result(job, f"output {job.output} {mismatch}; pass --overwrite to replace it")
+            result = stale_output_result(job, mismatch)
         else:
             on_start(job)
             job_started = time.monotonic()
@@ -487,6 +482,12 @@ def failure_message(job: Job, exc: Exception) -> str:
     if isinstance(exc, OSError):
         return f"cannot write {exc.filename or job.output} ({exc.strerror}); check the output directory"
     return f"{type(exc).__name__}: {exc}"
+
+
+def stale_output_result(job: Job, mismatch: str) -> JobResult:
+    """A job refused without --overwrite: its output is vidscale's, but not of this input and
+    these settings (`mismatch` says how). Its record is kept: true of the output it describes."""
+    return failed_result(job, f"output {job.output} {mismatch}; pass --overwrite to replace it")
 
 
 def failed_result(job: Job, exc: Exception | str, seconds: float = 0.0) -> JobResult:
