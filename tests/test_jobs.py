@@ -4,6 +4,7 @@ import errno
 import fcntl
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -20,7 +21,7 @@ from clips import corrupt_clip, make_clip
 from vidscale import jobs as jobs_module
 from vidscale import segments
 from vidscale.cli import main
-from vidscale.errors import EXIT_SOME_FAILED
+from vidscale.errors import EXIT_SOME_FAILED, UsageError
 from vidscale.jobs import (BatchInterrupted, BatchReport, JobResult, jobs_from_file, jobs_from_inputs, run_jobs,
                            settings_digest)
 
@@ -552,6 +553,85 @@ def test_a_report_or_log_never_goes_over_a_file_that_is_not_one(tmp_path, batch,
         assert status == 0, err
     assert json.loads(report.read_text())["skipped"] == 2
     assert [json.loads(line)["event"] for line in log.read_text().splitlines()].count("batch_end") == 2
+
+
+@pytest.mark.parametrize("option, path", [
+    ("--report", "out/ep1.upscaled.mkv"), ("--report", "out/ep1.upscaled.mkv.vidscale.json"),
+    ("--log-file", "out/ep1.upscaled.mkv"), ("--log-file", "out/ep1.upscaled.mkv.vidscale.json")])
+def test_a_report_or_log_where_a_job_writes_is_refused_before_any_work(tmp_path, batch, identity_x2, option, path,
+                                                                       monkeypatch):
+    # It would have replaced the finished episode (or its record) with JSON, and exited 0.
+    monkeypatch.chdir(tmp_path)
+    make_clip(tmp_path / "ep1.mkv", frames=2)
+    (tmp_path / "out").mkdir()
+    status, err = batch("ep1.mkv", "--output-dir", "out", "-m", str(identity_x2), *FAST, option, path)
+    assert status == 2
+    what = "output" if path.endswith(".mkv") else "record"
+    assert err == (f"vidscale: error: {option} {path} is also the {what} of the job for {tmp_path / 'ep1.mkv'}; "
+                   f"give the {'report' if option == '--report' else 'log'} a path of its own\n")
+    assert list((tmp_path / "out").iterdir()) == []
+
+
+def test_an_output_that_is_another_jobs_input_is_refused_before_any_work(tmp_path, batch, identity_x2):
+    # --overwrite is for outputs: it replaced the user's ep1.x2.mkv, then upscaled the replacement.
+    folder = tmp_path / "season"
+    folder.mkdir()
+    make_clip(folder / "ep1.mkv", frames=2)
+    make_clip(folder / "ep1.x2.mkv", frames=3)
+    before = snapshot(folder)
+    status, err = batch(str(folder), "--output-dir", str(folder), "--template", "{stem}.x2.mkv", "-m",
+                        str(identity_x2), *FAST, "--overwrite")
+    assert status == 2
+    assert err == (f"vidscale: error: {folder / 'ep1.x2.mkv'}, the output of {folder / 'ep1.mkv'}, is also an input "
+                   f"of this batch; give an output directory or template that keeps outputs apart from inputs\n")
+    assert snapshot(folder) == before
+
+
+def test_inputs_named_as_releases_are_with_brackets_are_files_not_patterns(tmp_path):
+    show = tmp_path / "[Group] Show"
+    show.mkdir()
+    episodes = [show / f"[Group] Show - 0{n}.mkv" for n in (1, 2)]
+    for episode in episodes:
+        episode.write_bytes(b"")
+    assert jobs_module.expand_inputs(str(episodes[0]), tmp_path) == [episodes[0]]
+    assert jobs_module.expand_inputs("[Group] Show/*.mkv", tmp_path) == episodes
+    for n in (1, 2, 3):
+        (tmp_path / f"ep{n}.mkv").write_bytes(b"")
+    assert jobs_module.expand_inputs("ep[12].mkv", tmp_path) == [tmp_path / "ep1.mkv", tmp_path / "ep2.mkv"]
+
+
+def test_a_glob_leaves_out_the_segments_of_a_stopped_run(tmp_path):
+    (tmp_path / "s1" / f"e1.x2.mkv{segments.WORK_SUFFIX}").mkdir(parents=True)
+    (tmp_path / "s1" / "e1.mkv").write_bytes(b"")
+    (tmp_path / "s1" / f"e1.x2.mkv{segments.WORK_SUFFIX}" / "segment-00001.mkv").write_bytes(b"")
+    assert jobs_module.expand_inputs("**/*.mkv", tmp_path) == [tmp_path / "s1" / "e1.mkv"]
+
+
+def test_a_name_too_long_in_a_folder_fails_its_job_alone(tmp_path, batch, identity_x2):
+    folder = tmp_path / "season"
+    folder.mkdir()
+    long_name = make_clip(folder / ("L" * 240 + ".mkv"), frames=2)
+    make_clip(folder / "ok.mkv", frames=2)
+    for inputs in (str(folder), str(folder / "*.mkv")):
+        status, err = batch(inputs, "--output-dir", str(tmp_path / "out"), "-m", str(identity_x2), *FAST)
+        assert status == EXIT_SOME_FAILED, err
+        assert f"{long_name}: failed: output file name LLLL" in err and "Traceback" not in err
+        assert (tmp_path / "out" / "ok.upscaled.mkv").exists()
+
+
+@pytest.mark.parametrize("text, message", [
+    ("output_dir = 5\n[[job]]\ninputs = ['a.mkv']\n", "output_dir = 5 is not valid; write it as a quoted path"),
+    ("template = 5\n[[job]]\ninputs = ['a.mkv']\n", "template = 5 is not valid; write it as a quoted path"),
+    ("[[job]]\ninputs = ['a.mkv']\noutput_dir = 7\n", "job 1: output_dir = 7 is not valid"),
+    ("defaults = 5\n[[job]]\ninputs = ['a.mkv']\n", "defaults must be a table"),
+    ("[job]\ninputs = ['a.mkv']\n", "job must be [[job]] entries"),
+    ("job = [1, 2]\n", "job must be [[job]] entries"),
+])
+def test_a_job_file_with_a_wrongly_typed_key_is_one_line(tmp_path, text, message):
+    jobs = tmp_path / "jobs.toml"
+    jobs.write_text(text)
+    with pytest.raises(UsageError, match=re.escape(message)):
+        jobs_from_file(jobs, None, {}, None)
 
 
 @pytest.mark.parametrize("command", ["upscale", "batch"])

@@ -308,8 +308,9 @@ def run_upscale(args: argparse.Namespace, log: EventLog | None) -> int:
     return 0
 
 
-def run_batch(args: argparse.Namespace, log: EventLog | None) -> int:
-    from .jobs import BatchInterrupted, RunOptions, jobs_from_file, jobs_from_inputs, run_jobs, run_options
+def plan_batch(args: argparse.Namespace):
+    """The batch's jobs and its job file's run options, its report path checked against them."""
+    from .jobs import RunOptions, jobs_from_file, jobs_from_inputs, run_options
 
     values = {key: getattr(args, key) for key in _BATCH_SETTINGS if hasattr(args, key)}
     if "encoder_option" in values:
@@ -335,6 +336,31 @@ def run_batch(args: argparse.Namespace, log: EventLog | None) -> int:
             raise UsageError("give --output-dir for the outputs (or run a TOML job file)")
         jobs = jobs_from_inputs(args.inputs, args.output_dir, args.template, values,
                                 args.cache_dir)
+    if args.report is not None:
+        _refuse_claimed(args.report, "--report", "report", batch_claims(jobs))
+    return jobs, in_file
+
+
+def batch_claims(jobs) -> list[tuple[str, Path]]:
+    """(what, path) of every file a batch reads or writes, for its report and log to keep clear of."""
+    from .jobs import sidecar_path
+
+    return [claim for job in jobs for claim in (
+        (f"the input of the job for {job.source}", job.source),
+        (f"the output of the job for {job.source}", job.output),
+        (f"the record of the job for {job.source}", sidecar_path(job.output)))]
+
+
+def _refuse_claimed(path: Path, option: str, what: str, claimed: list[tuple[str, str | os.PathLike | None]]) -> None:
+    for role, other in claimed:
+        if other not in (None, "-") and os.path.realpath(other) == os.path.realpath(path):
+            raise UsageError(f"{option} {path} is also {role}; give the {what} a path of its own")
+
+
+def run_batch(args: argparse.Namespace, log: EventLog | None, plan) -> int:
+    from .jobs import BatchInterrupted, run_jobs
+
+    jobs, in_file = plan
 
     def on_start(job) -> None:
         if log is not None:
@@ -438,12 +464,25 @@ def main(argv: list[str] | None = None, *, exiting: bool = False) -> int:
     # turns it into a clean stop (inference drained, temporary output removed).
     previous = {signum: signal.signal(signum, _terminate) for signum in _STOP_SIGNALS}
     try:
+        # A batch's jobs first, so that the log keeps clear of their files; an error in them is
+        # raised once the log is open, to be logged.
+        plan, planning_error = None, None
+        if args.command == "batch":
+            try:
+                plan = plan_batch(args)
+            except VidscaleError as exc:
+                planning_error = exc
         if getattr(args, "log_file", None) is not None:
-            claimed = ([("input", args.input or args.input_option), ("output", args.output)]
-                       if args.command == "upscale" else [("report", args.report)])
+            claimed = ([("the run's input", args.input or args.input_option), ("the run's output", args.output)]
+                       if args.command == "upscale" else
+                       [("the run's report", args.report), *batch_claims(plan[0] if plan else [])])
             log = _open_log(args.log_file, claimed)
-        if args.command in ("upscale", "batch"):
-            return {"upscale": run_upscale, "batch": run_batch}[args.command](args, log)
+        if planning_error is not None:
+            raise planning_error
+        if args.command == "upscale":
+            return run_upscale(args, log)
+        if args.command == "batch":
+            return run_batch(args, log, plan)
         return {"models": run_models, "image": run_image}[args.command](args)
     except OutputClosedError as exc:
         # The reader of our stdout went away (`| head`): nothing to tell it, and Python's own
@@ -483,9 +522,7 @@ def _open_log(path: Path, claimed: list[tuple[str, str | os.PathLike | None]]) -
     """The log at `path`, which must not be one of the `claimed` (option, path) files of the run."""
     if str(path) == "-":
         raise UsageError("--log-file takes a file path (stderr carries progress: --progress json)")
-    for option, other in claimed:
-        if other not in (None, "-") and os.path.realpath(other) == os.path.realpath(path):
-            raise UsageError(f"--log-file {path} is also the run's {option}; give the log a path of its own")
+    _refuse_claimed(path, "--log-file", "log", claimed)
     _refuse_unless_ours(path, "--log-file", "log", _LOG_PEEK,
                         lambda text: "event" in json.loads(text.partition("\n")[0]))
     try:

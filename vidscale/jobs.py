@@ -42,7 +42,7 @@ from .config import RAY_STORAGES, UpscaleSettings, fits, parse_dedup
 from .errors import EXIT_SOME_FAILED, MediaError, UsageError, VidscaleError
 from .media import OUTPUT_FORMATS, EncoderSettings, check_readable
 from .pipeline import upscale_video
-from .segments import DEFAULT_SEGMENT_SECONDS, Resume, WorkInUse
+from .segments import DEFAULT_SEGMENT_SECONDS, WORK_SUFFIX, Resume, WorkInUse
 from .tiling import parse_tile
 
 DEFAULT_TEMPLATE = "{stem}.upscaled.mkv"
@@ -131,20 +131,37 @@ def checked_values(values: dict, where: str) -> dict:
 
 def expand_inputs(pattern: str, base: Path) -> list[Path]:
     """A file, a directory (its video files, not recursive) or a glob, relative to `base`. A
-    directory or glob leaves out vidscale's own outputs (those with a sidecar): with outputs
-    written beside the inputs, each run would otherwise upscale the last one's outputs again."""
+    directory or glob leaves out vidscale's own outputs (those with a sidecar) and the segments of
+    its stopped runs: with outputs written beside the inputs, each run would otherwise upscale the
+    last one's outputs again.
+
+    Brackets are how releases name their files ("[Group] Show - 01.mkv"): a path that exists is
+    taken as it is, and a glob's brackets match themselves before they are a character class."""
     path = base / Path(pattern).expanduser()
-    if glob.has_magic(pattern):
-        found = sorted(Path(p) for p in glob.glob(str(path), recursive=True))
+    if glob.has_magic(pattern) and not _exists(path):
+        found = (glob.glob(str(path).replace("[", "[[]"), recursive=True)
+                 or glob.glob(str(path), recursive=True))
         if not found:
             raise UsageError(f"{pattern} matches no file; check the pattern")
-        return [p for p in found if p.is_file() and not sidecar_path(p).exists()
-                and not p.name.endswith(SIDECAR_SUFFIX)]
+        return [p for p in sorted(map(Path, found)) if p.is_file() and _not_ours(p)]
     if path.is_dir():
         return sorted(p for p in path.iterdir() if p.is_file() and p.suffix.lower() in VIDEO_SUFFIXES
-                      and not sidecar_path(p).exists())
+                      and _not_ours(p))
     # A missing or unreadable file is this job's failure, reported with the others.
     return [path]
+
+
+def _exists(path: Path) -> bool:
+    try:
+        return path.exists()
+    except OSError:  # a name too long for the system: the job's own check says so
+        return False
+
+
+def _not_ours(path: Path) -> bool:
+    """Not an output of vidscale's with its record, a record, or a stopped run's segment."""
+    return (not path.name.endswith(SIDECAR_SUFFIX) and not _exists(sidecar_path(path))
+            and not any(part.endswith(WORK_SUFFIX) for part in path.parent.parts))
 
 
 _TEMPLATE_FIELDS = ("stem", "name", "parent")
@@ -257,7 +274,21 @@ def _read_job_file(path: Path) -> dict:
     if unknown:
         raise UsageError(f"{path}: unknown key {', '.join(unknown)}; "
                          f"use output_dir, template, {', '.join(_RUN_KEYS)}, [defaults] and [[job]]")
+    _check_paths(document, str(path))
+    if not isinstance(document.get("defaults", {}), dict):
+        raise UsageError(f"{path}: defaults must be a table, [defaults], of settings for every job")
+    entries = document.get("job", [])
+    if not isinstance(entries, list) or not all(isinstance(entry, dict) for entry in entries):
+        raise UsageError(f"{path}: job must be [[job]] entries (an array of tables), each with inputs = [...]")
+    for number, entry in enumerate(entries, 1):
+        _check_paths(entry, f"{path} job {number}")
     return document
+
+
+def _check_paths(table: dict, where: str) -> None:
+    for key in ("output_dir", "template"):
+        if key in table and not isinstance(table[key], str):
+            raise UsageError(f"{where}: {key} = {table[key]!r} is not valid; write it as a quoted path")
 
 
 def _checked(jobs: list[Job]) -> list[Job]:
@@ -277,6 +308,13 @@ def _checked(jobs: list[Job]) -> list[Job]:
         elif replace(other, source=job.source, output=job.output) != job:
             raise UsageError(f"two jobs write {job.source} to {job.output} with different settings; "
                              f"give them different templates or output directories")
+    inputs = {os.path.realpath(job.source): job for job in unique}
+    for job in unique:
+        # A job's own input as its output is that job's failure (media.check_output).
+        other = inputs.get(os.path.realpath(job.output), job)
+        if other is not job:
+            raise UsageError(f"{job.output}, the output of {job.source}, is also an input of this batch; "
+                             f"give an output directory or template that keeps outputs apart from inputs")
     return unique
 
 
