@@ -31,7 +31,7 @@ def make_clip(path, *, frames=6, size=(64, 48), pts=None, durations=None, time_b
     """A small clip made here: `colour` is (sws matrix name, range, AVCOL colorspace code) or
     None for an untagged BT.601 limited picture; `gop`: the keyframe interval; `options`: more
     encoder options (libx264's preset is ultrafast: no B-frames); `audio`: an AAC and a FLAC
-    track, or "aac" for the AAC one alone; `durations`: each frame's (else the muxer's 1/25 s);
+    track, or a codec's name ("aac", "pcm_s16le": s16 or fltp samples) for one track of it alone; `durations`: each frame's (else the muxer's 1/25 s);
     `picture`: an 8x6 PNG's bytes, attached (Matroska) or as cover art."""
     width, height = size
     pts = list(range(0, frames * 40, 40)) if pts is None else pts
@@ -56,11 +56,11 @@ def make_clip(path, *, frames=6, size=(64, 48), pts=None, durations=None, time_b
         if timecode:  # MP4/MOV write it as a timecode (tmcd) track as well
             video.metadata["timecode"] = timecode
         if audio:
-            sound = out.add_stream("aac", rate=8000)
+            sound = out.add_stream("aac" if audio is True else audio, rate=8000)
             sound.metadata.update(language="eng", title="Commentary")
             sound.disposition = av.stream.Disposition.forced
             tracks = [sound]
-            if audio != "aac":
+            if audio is True:
                 second = out.add_stream("flac", rate=8000)
                 second.metadata["language"] = "fre"
                 tracks.append(second)

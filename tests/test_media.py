@@ -310,6 +310,10 @@ def test_an_output_is_on_disk_before_its_name_and_its_name_before_done(tmp_path,
     # MPEG-TS and AVI take these and write them as untyped data, or drop them.
     ("out.ts", {"subtitles": True}, "libx264", "mpegts container cannot carry stream 1 .subtitle, srt."),
     ("out.ts", {"audio": True}, "libx264", "mpegts container cannot carry stream 2 .audio, flac."),
+    # Taken when added, refused when the header or the index is written: after all the work.
+    ("out.mov", {"audio": True}, "libx264", "mov container cannot carry stream 2 .audio, flac."),
+    ("out.mov", {"audio": "libopus"}, "libx264", "mov container cannot carry stream 1 .audio, opus."),
+    ("out.mp4", {"audio": "pcm_s16le"}, "libx264", "mp4 container cannot carry stream 1 .audio, pcm_s16le."),
     ("out.ts", {"chapters": True}, "libx264", "mpegts container cannot carry chapters"),
     ("out.ts", {}, "ffv1", "mpegts container cannot hold ffv1 video"),
     ("out.mp4", {"attachment": True}, "libx264", "mp4 container cannot carry attachments .ZenMaru.ttf."),

@@ -326,6 +326,10 @@ _REFUSED_FORMATS = {".avi": "avi"}
 # Conservative: a codec missing here is refused with a pointer to .mkv, never damaged.
 _MPEGTS_CODECS = {"h264", "hevc", "mpeg2video", "mpeg4", "aac", "aac_latm", "ac3", "eac3", "mp2", "mp3",
                   "opus", "dvb_subtitle", "dvb_teletext"}
+# Codecs (by name prefix) that these muxers take when the stream is added and refuse only when
+# the header (MOV: FLAC, Opus) or the index at the end (MP4: PCM) is written: after all the work,
+# with "Invalid argument". FFmpeg 7's movenc, measured with every codec PyAV encodes.
+_REFUSED_WHEN_WRITTEN = {"mov": ("flac", "opus"), "mp4": ("pcm_",)}
 # AVDISCARD_ALL: what a demuxer sets on a stream that is not to be read as one.
 _DISCARD_ALL = 48
 # Containers whose muxer drops chapters without a word.
@@ -1194,7 +1198,10 @@ class VideoWriter:
         return self._tag_video(stream, source)
 
     def _keeps(self, codec: str) -> bool:
-        return self.container.format.name != "mpegts" or codec in _MPEGTS_CODECS
+        name = self.container.format.name
+        if name == "mpegts":
+            return codec in _MPEGTS_CODECS
+        return not codec.startswith(_REFUSED_WHEN_WRITTEN.get(name, ()))
 
     def _copy_stream(self, source):
         try:
@@ -1423,6 +1430,7 @@ def join_segments(destination: Path, reader: VideoReader, encoder: EncoderSettin
     order = itertools.count()
 
     def video():
+        last_dts = None
         for segment in segments:
             if segment.extradata != segments[0].extradata:
                 raise MediaError(f"{segment.path} was encoded with other stream headers than "
@@ -1435,6 +1443,16 @@ def join_segments(destination: Path, reader: VideoReader, encoder: EncoderSettin
                                          f"packets recorded for it; delete the work directory and "
                                          f"run again")
                     packet.pts, packet.dts, packet.duration = stamps
+                    if packet.dts is not None and last_dts is not None and packet.dts <= last_dts:
+                        # Each segment's encoder starts its decode times before its first frame
+                        # by its B-frame delay, which a gap in a variable rate can bring back to
+                        # the last segment's: MP4 and MOV refuse that. Later in decode order and
+                        # still no later than the frame's own time, it decodes the same.
+                        packet.dts = last_dts + 1
+                        if packet.pts is not None and packet.dts > packet.pts:
+                            raise MediaError(f"{segment.path} cannot follow the segment before it (decode "
+                                             f"times overlap); give the output as .mkv, or run without --resume")
+                    last_dts = packet.dts if packet.dts is not None else last_dts
                     stamp = packet.dts if packet.dts is not None else packet.pts
                     yield stamp * time_base, next(order), True, packet
 
