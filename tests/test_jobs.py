@@ -413,17 +413,23 @@ def test_a_signal_after_the_run_reported_success_leaves_its_exit_status_0(tmp_pa
     assert (tmp_path / "out.mkv").is_file()
 
 
-def test_ctrl_c_while_the_libraries_load_is_one_line(tmp_path, cache_dir, identity_x2):
+@pytest.mark.parametrize("command", ["upscale", "batch"])
+def test_ctrl_c_while_the_libraries_load_is_one_line(tmp_path, cache_dir, identity_x2, command):
     # PyAV, OpenVINO and torch take over a second to import: a Ctrl-C then was a traceback.
     source = make_clip(tmp_path / "in.mkv", frames=4, size=(64, 48), audio=False)
+    # A batch's report of the last run, which would otherwise stand, read as this one's success.
+    report = tmp_path / "report.json"
+    BatchReport([JobResult(str(source), str(tmp_path / "in.upscaled.mkv"), "done", frames=4)]).write(report)
+    where = ["-o", str(tmp_path / "out.mkv")] if command == "upscale" else [
+        "--output-dir", str(tmp_path), "--report", str(report)]
     # Python reports each import as it ends: the signal goes once the command has loaded PyAV,
     # with torch and OpenVINO still to load (a fixed delay landed before main() in a fresh clone,
     # still compiling its bytecode).
-    process = _started(cache_dir, identity_x2, "upscale", str(source), "-o", str(tmp_path / "out.mkv"),
+    process = _started(cache_dir, identity_x2, command, str(source), *where,
                        "--progress", "none", env={**os.environ, "PYTHONPROFILEIMPORTTIME": "1"})
     try:
         for line in process.stderr:
-            if line.rstrip().endswith("| vidscale.media"):
+            if line.split("|")[-1].strip() == "vidscale.media":
                 break
         process.send_signal(signal.SIGINT)
         assert process.wait(timeout=60) == 130
@@ -431,7 +437,10 @@ def test_ctrl_c_while_the_libraries_load_is_one_line(tmp_path, cache_dir, identi
         process.kill()
     said = [line for line in process.stderr.read().splitlines() if not line.startswith("import time:")]
     assert said == ["vidscale: interrupted"]
-    assert not (tmp_path / "out.mkv").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in.mkv", "report.json"]
+    if command == "batch":
+        assert json.loads(report.read_text()) == {"jobs": [], "done": 0, "skipped": 0, "failed": 0, "seconds": 0.0,
+                                                  "interrupted": True}
 
 
 def _terminate_once_frames_flow(process: subprocess.Popen) -> None:
@@ -684,8 +693,27 @@ def test_a_stopped_batch_reports_the_jobs_it_did_not_start(tmp_path, monkeypatch
         return JobResult(str(job.source), str(job.output), "done")
 
     monkeypatch.setattr(jobs_module, "run_job", stopped_at_the_second)
+    ended = []
     with pytest.raises(BatchInterrupted) as stop:
-        run_jobs(jobs)
+        run_jobs(jobs, on_result=lambda job, result: ended.append((job.source.name, result.status)))
     assert [(Path(r.input).name, r.status, r.error) for r in stop.value.report.results] == [
         ("ep1.mkv", "done", None), ("ep2.mkv", "failed", "interrupted"),
         ("ep3.mkv", "failed", "not run: the batch was stopped")]
+    assert ended == [("ep1.mkv", "done"), ("ep2.mkv", "failed")]  # the log's job_end of the stopped job too
+
+
+def test_a_batch_stopped_between_jobs_reports_every_one(tmp_path, monkeypatch):
+    # Hashing a touched input whole, before a job starts, may take a while: a stop then was no
+    # BatchInterrupted, and the batch wrote no report.
+    jobs = jobs_from_inputs([str(make_clip(tmp_path / f"ep{n}.mkv", frames=2)) for n in (1, 2)],
+                            tmp_path / "out", None, {}, None)
+
+    def stopped_while_comparing(job):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(jobs_module, "output_mismatch", stopped_while_comparing)
+    with pytest.raises(BatchInterrupted) as stop:
+        run_jobs(jobs)
+    assert [(Path(r.input).name, r.status, r.error) for r in stop.value.report.results] == [
+        ("ep1.mkv", "failed", "not run: the batch was stopped"), ("ep2.mkv", "failed", "not run: the batch was stopped")]
+    assert stop.value.report.interrupted

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import signal
@@ -317,16 +318,6 @@ def plan_batch(args: argparse.Namespace):
         values["options"] = dict(values.pop("encoder_option"))
     if args.ray is not None and Path(args.ray).exists():
         raise UsageError(f"--ray took {args.ray} for a cluster address; put a bare --ray after the inputs")
-    # Checked now: the report is written when the batch ends, perhaps hours later.
-    if args.report is not None and (args.report.is_dir() or not args.report.parent.is_dir()):
-        raise UsageError(f"--report {args.report} cannot be written (a directory, or in a folder that "
-                         f"does not exist); give a file path in an existing folder")
-    if args.report is not None and args.report.exists() and not args.report.is_file():
-        # The report is renamed into place, which would put a file where a device (/dev/full,
-        # /dev/null, run as root) or a FIFO was.
-        raise UsageError(f"--report {args.report} is not a regular file; give a file path")
-    if args.report is not None:
-        _refuse_unless_ours(args.report, "--report", "report", _REPORT_PEEK, lambda text: "jobs" in json.loads(text))
     in_file = RunOptions()
     if len(args.inputs) == 1 and args.inputs[0].endswith(".toml"):
         jobs = jobs_from_file(Path(args.inputs[0]), args.output_dir, values, args.cache_dir, args.template)
@@ -339,6 +330,40 @@ def plan_batch(args: argparse.Namespace):
     if args.report is not None:
         _refuse_claimed(args.report, "--report", "report", batch_claims(jobs))
     return jobs, in_file
+
+
+def _plan(args: argparse.Namespace):
+    """plan_batch's (jobs, run options) and None, or None and the error in them."""
+    report_checked = False
+    try:
+        check_report_path(args.report)
+        report_checked = True
+        return plan_batch(args), None
+    except VidscaleError as exc:
+        return None, exc
+    except KeyboardInterrupt:
+        if report_checked and args.report is not None:
+            # The last run's report would otherwise stand, read as this one's success.
+            from .report import BatchReport
+
+            with contextlib.suppress(OSError):
+                BatchReport([], interrupted=True).write(args.report)
+        raise
+
+
+def check_report_path(report: Path | None) -> None:
+    """Before anything else: the report is written when the batch ends (perhaps hours later), or
+    when it is stopped, even while the libraries load."""
+    if report is None:
+        return
+    if report.is_dir() or not report.parent.is_dir():
+        raise UsageError(f"--report {report} cannot be written (a directory, or in a folder that "
+                         f"does not exist); give a file path in an existing folder")
+    if report.exists() and not report.is_file():
+        # The report is renamed into place, which would put a file where a device (/dev/full,
+        # /dev/null, run as root) or a FIFO was.
+        raise UsageError(f"--report {report} is not a regular file; give a file path")
+    _refuse_unless_ours(report, "--report", "report", _REPORT_PEEK, lambda text: "jobs" in json.loads(text))
 
 
 def batch_claims(jobs) -> list[tuple[str, Path]]:
@@ -358,7 +383,8 @@ def _refuse_claimed(path: Path, option: str, what: str, claimed: list[tuple[str,
 
 
 def run_batch(args: argparse.Namespace, log: EventLog | None, plan) -> int:
-    from .jobs import BatchInterrupted, run_jobs
+    from .jobs import BatchInterrupted, not_run_result, run_jobs
+    from .report import BatchReport
 
     jobs, in_file = plan
 
@@ -403,6 +429,9 @@ def run_batch(args: argparse.Namespace, log: EventLog | None, plan) -> int:
     except BatchInterrupted as stopped:
         _finish_batch(args, stopped.report, log)
         raise stopped.cause from None
+    except KeyboardInterrupt:  # before the first job: starting Ray, say
+        _finish_batch(args, BatchReport([not_run_result(job) for job in jobs], interrupted=True), log)
+        raise
     return _finish_batch(args, report, log)
 
 
@@ -466,12 +495,7 @@ def main(argv: list[str] | None = None, *, exiting: bool = False) -> int:
     try:
         # A batch's jobs first, so that the log keeps clear of their files; an error in them is
         # raised once the log is open, to be logged.
-        plan, planning_error = None, None
-        if args.command == "batch":
-            try:
-                plan = plan_batch(args)
-            except VidscaleError as exc:
-                planning_error = exc
+        plan, planning_error = _plan(args) if args.command == "batch" else (None, None)
         if getattr(args, "log_file", None) is not None:
             claimed = ([("the run's input", args.input or args.input_option), ("the run's output", args.output)]
                        if args.command == "upscale" else

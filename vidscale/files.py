@@ -1,6 +1,6 @@
-"""What crashed runs leave beside the files they were writing, and how a later run tells them
-from a live run's: shared by the outputs (media) and the model cache (engine), which import
-nothing else in common."""
+"""Writing files so that a crash never leaves a part of one under its name, and telling what
+crashed runs left beside them from a live run's: shared by the outputs (media), the model cache
+(engine) and the batch's records and report, which import nothing else in common."""
 
 from __future__ import annotations
 
@@ -40,3 +40,14 @@ def temporary_beside(path: Path) -> Path:
                 if time.time() - old.stat().st_mtime > _ABANDONED_SECONDS:
                     old.unlink()
     return path.with_name(f".{path.stem}.{os.getpid()}.{threading.get_ident()}{path.suffix}")
+
+
+def write_atomically(path: Path, text: str) -> None:
+    """`path` holds `text` whole, or what it held before: never a part."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.partial")
+    try:
+        tmp.write_text(text)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise

@@ -39,9 +39,11 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 from .config import RAY_STORAGES, UpscaleSettings, fits, parse_dedup
-from .errors import EXIT_SOME_FAILED, MediaError, UsageError, VidscaleError
+from .errors import MediaError, UsageError, VidscaleError
+from .files import write_atomically
 from .media import OUTPUT_FORMATS, EncoderSettings, check_readable
 from .pipeline import upscale_video
+from .report import BatchReport, JobResult
 from .segments import DEFAULT_SEGMENT_SECONDS, WORK_SUFFIX, Resume, WorkInUse
 from .tiling import parse_tile
 
@@ -66,25 +68,6 @@ class Job:
     settings: UpscaleSettings
     encoder: EncoderSettings
     strict: bool = False
-
-
-@dataclass(frozen=True)
-class JobResult:
-    """One line of the report. status: done, skipped (done already, or `error` says which run is
-    making it now) or failed."""
-
-    input: str
-    output: str
-    status: str
-    frames: int = 0
-    seconds: float = 0.0
-    fps: float = 0.0
-    corrupt_packets: int = 0
-    lost_at_start: int = 0
-    retimed_frames: int = 0
-    reused_frames: int = 0
-    resumed_frames: int = 0
-    error: str | None = None
 
 
 # --- building jobs ------------------------------------------------------------------------------
@@ -411,7 +394,7 @@ def sidecar_writer(job: Job):
         state = {"input": fingerprint(job.source), "content_sha256": content_digest(job.source),
                  "settings": settings_digest(job), "frames": frames, "output_size": finished.stat().st_size,
                  "source": str(job.source)}
-        _write_atomically(sidecar_path(job.output), json.dumps(state, indent=2) + "\n")
+        write_atomically(sidecar_path(job.output), json.dumps(state, indent=2) + "\n")
 
     return write
 
@@ -421,43 +404,7 @@ def _identity(path: Path) -> tuple[int, ...]:
     return stat.st_dev, stat.st_ino, stat.st_size, stat.st_mtime_ns
 
 
-def _write_atomically(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.partial")
-    try:
-        tmp.write_text(text)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-
-
 # --- running ------------------------------------------------------------------------------------
-
-@dataclass
-class BatchReport:
-    results: list[JobResult]
-    seconds: float = 0.0
-    interrupted: bool = False
-
-    def count(self, status: str) -> int:
-        return sum(r.status == status for r in self.results)
-
-    @property
-    def exit_status(self) -> int:
-        return EXIT_SOME_FAILED if self.count("failed") else 0
-
-    def summary(self) -> str:
-        text = (f"{len(self.results)} jobs: {self.count('done')} done, {self.count('skipped')} skipped, "
-                f"{self.count('failed')} failed in {self.seconds:.1f} s")
-        return text + ("; interrupted" if self.interrupted else "")
-
-    def write(self, path: Path) -> None:
-        record = {"jobs": [dataclasses.asdict(r) for r in self.results],
-                  "done": self.count("done"), "skipped": self.count("skipped"),
-                  "failed": self.count("failed"), "seconds": round(self.seconds, 3),
-                  "interrupted": self.interrupted}
-        _write_atomically(path, json.dumps(record, indent=2) + "\n")
-
 
 def run_jobs(jobs: list[Job], *, overwrite: bool = False, segment_seconds: float = DEFAULT_SEGMENT_SECONDS,
              progress=lambda job: None, on_start=lambda job: None,
@@ -475,28 +422,33 @@ def run_jobs(jobs: list[Job], *, overwrite: bool = False, segment_seconds: float
     """
     report = BatchReport([])
     started = time.monotonic()
-    for number, job in enumerate(jobs):
-        # Once per job: telling a changed input from a touched one may hash it whole.
-        mismatch = output_mismatch(job)
-        if mismatch == "":
-            result = JobResult(str(job.source), str(job.output), "skipped")
-        elif mismatch and not overwrite:
-            on_start(job)
-            result = stale_output_result(job, mismatch)
-        else:
-            on_start(job)
-            job_started = time.monotonic()
-            try:
+    running: tuple[Job, float] | None = None
+    try:
+        for job in jobs:
+            # Once per job: telling a changed input from a touched one may hash it whole.
+            mismatch = output_mismatch(job)
+            if mismatch == "":
+                result = JobResult(str(job.source), str(job.output), "skipped")
+            elif mismatch and not overwrite:
+                on_start(job)
+                result = stale_output_result(job, mismatch)
+            else:
+                on_start(job)
+                running = job, time.monotonic()
                 result = run_job(job, overwrite, segment_seconds, progress(job))
-            except KeyboardInterrupt as exc:
-                # Every job in the report, those the stop kept from starting too.
-                report.results += [interrupted_result(job, time.monotonic() - job_started)] + [
-                    JobResult(str(later.source), str(later.output), "failed", error="not run: the batch was stopped")
-                    for later in jobs[number + 1:]]
-                report.seconds, report.interrupted = time.monotonic() - started, True
-                raise BatchInterrupted(report, exc) from exc
-        report.results.append(result)
-        on_result(job, result)
+                running = None
+            report.results.append(result)
+            on_result(job, result)
+    except KeyboardInterrupt as exc:
+        # Every job in the report: the one stopped, and those the stop kept from starting.
+        if running is not None:
+            job, job_started = running
+            result = interrupted_result(job, time.monotonic() - job_started)
+            report.results.append(result)
+            on_result(job, result)
+        report.results += [not_run_result(later) for later in jobs[len(report.results):]]
+        report.seconds, report.interrupted = time.monotonic() - started, True
+        raise BatchInterrupted(report, exc) from exc
     report.seconds = time.monotonic() - started
     return report
 
@@ -507,6 +459,10 @@ class BatchInterrupted(KeyboardInterrupt):
     def __init__(self, report: BatchReport, cause: KeyboardInterrupt):
         super().__init__(str(cause))
         self.report, self.cause = report, cause
+
+
+def not_run_result(job: Job) -> JobResult:
+    return JobResult(str(job.source), str(job.output), "failed", error="not run: the batch was stopped")
 
 
 def interrupted_result(job: Job, seconds: float) -> JobResult:
