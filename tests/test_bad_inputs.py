@@ -220,6 +220,19 @@ def test_output_is_the_input(tmp_path, refused):
     refused(source, 2, "is the input file; choose another output path", "--overwrite", output=source)
 
 
+def test_output_is_the_file_on_stdin(tmp_path, cache_dir, identity_x2):
+    # `vidscale upscale - -o ep1.mkv --overwrite < ep1.mkv`: by path, the same is refused.
+    source = make_clip(tmp_path / "ep1.mkv", frames=2)
+    before = source.read_bytes()
+    with open(source, "rb") as stdin:
+        done = subprocess.run([sys.executable, "-m", "vidscale", "--cache-dir", str(cache_dir), "upscale", "-",
+                               "-o", str(source), "--overwrite", "-m", str(identity_x2), *FAST],
+                              stdin=stdin, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 2
+    assert done.stderr == f"vidscale: error: output {source} is the input file; choose another output path\n"
+    assert source.read_bytes() == before and sorted(tmp_path.iterdir()) == [source]
+
+
 def test_stdin_closed_early(tmp_path, cache_dir, identity_x2, outputs):
     data = make_clip(tmp_path / "in.mkv", frames=30).read_bytes()
     done = subprocess.run(

@@ -365,7 +365,9 @@ def upscale_video(source, destination, settings: UpscaleSettings = UpscaleSettin
         raise UsageError("only a file can be upscaled resumably (into a file): a pipe cannot be read "
                          "again after a stop; drop --resume or give file paths")
     if destination != "-":
-        check_output(Path(destination), [Path(source)] if _is_file(source) else [], overwrite)
+        # stdin may be a file redirected in (< ep01.mkv), which the output would replace as it is read.
+        inputs = [Path(source)] if _is_file(source) else [Path("/dev/stdin")] if source == "-" else []
+        check_output(Path(destination), inputs, overwrite)
     calibration = evaluation = None
     if settings.precision == "int8" and _is_file(source):
         # The gate judges INT8 on the input itself, whatever it was calibrated on. A pipe cannot be
