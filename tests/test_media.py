@@ -99,6 +99,16 @@ def test_vfr_mp4_with_duplicate_timestamps_keeps_every_frame(tmp_path):
     assert out_pts == rounded(expected, time_base, out_tb)
 
 
+@pytest.mark.parametrize("output", ["out.mp4", "out.mov", "out.mkv"])
+def test_the_track_titles_of_an_mp4_are_kept(tmp_path, output):
+    # FFmpeg reads an MP4 track's title as "name" and writes "title" as one: MP4 to MP4 lost it.
+    source = make_clip(tmp_path / "in.mp4", audio="aac")
+    upscale(source, tmp_path / output)
+    with av.open(str(tmp_path / output)) as out:
+        titles = [s.metadata.get("title", s.metadata.get("name")) for s in out.streams]
+    assert titles == ["picture", "Commentary"]
+
+
 def test_multi_audio_multi_subtitle_chapters_copied_bit_exact(tmp_path):
     source = media("derived_multi_audio_multi_sub_chapters.mkv")
     info, pts, packets = upscale(source, tmp_path / "out.mkv")

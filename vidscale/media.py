@@ -1175,7 +1175,7 @@ class VideoWriter:
                          f"--preset, --crf, -x and --pix-fmt{size}") from failure
 
     def _tag_video(self, stream, source):
-        stream.metadata.update({k: v for k, v in source.metadata.items()
+        stream.metadata.update({k: v for k, v in self._tags(source).items()
                                 if not k.lower().startswith(_STALE_VIDEO_TAGS)})
         stream.disposition = source.disposition
         self.video = stream
@@ -1215,9 +1215,17 @@ class VideoWriter:
             raise MediaError(f"{self.label}: the {self.container.format.name} container cannot "
                              f"carry stream {source.index} ({source.type}, {codec}); {fix}") from exc
         # PyAV writes the metadata dict into the stream when the header is written.
-        stream.metadata.update(source.metadata)
+        stream.metadata.update(self._tags(source))
         stream.disposition = source.disposition
         return stream
+
+    def _tags(self, source) -> dict[str, str]:
+        """`source`'s tags as a muxer takes them: FFmpeg reads an MP4 or MOV track's title as
+        "name" and writes "title" as one, so MP4 to MP4 lost it, and MKV named it NAME."""
+        tags = dict(source.metadata)
+        if "mov" in self.reader.container.format.name.split(",") and "name" in tags:
+            tags.setdefault("title", tags.pop("name"))
+        return tags
 
     def _add_attachment(self, source) -> None:
         name = source.metadata.get("filename")
