@@ -143,6 +143,27 @@ def test_rotation_and_sample_aspect_ratio_kept(tmp_path):
         assert (out.info.width, out.info.height) == (128, 96)
 
 
+@pytest.mark.parametrize("rotation, hflip", [(0, True), (90, True), (270, False)])
+@pytest.mark.parametrize("output", ["out.mp4", "out.mkv"])
+def test_a_mirrored_picture_stays_mirrored(tmp_path, rotation, hflip, output):
+    # Only the rotation was kept: a mirror came out turned 180 degrees, a turned mirror unmirrored.
+    source = tmp_path / "in.mp4"
+    with av.open(str(source), "w") as clip:
+        video = clip.add_stream("libx264", rate=25, options={"preset": "ultrafast"})
+        video.width, video.height, video.pix_fmt = 64, 48, "yuv420p"
+        video.set_display_rotation(rotation, hflip=hflip)
+        for index in range(2):
+            frame = av.VideoFrame.from_ndarray(np.zeros((48, 64, 3), np.uint8), format="rgb24")
+            frame.pts = index
+            clip.mux(video.encode(frame))
+        clip.mux(video.encode())
+    upscale(source, tmp_path / output)
+    with VideoReader(source) as before, VideoReader(tmp_path / output) as after:
+        matrix = before.info.display_matrix
+        assert (matrix[0] * matrix[4] - matrix[1] * matrix[3] < 0) == hflip  # the source mirrors, or not
+        assert after.info.display_matrix == matrix
+
+
 # --- colour --------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("case", COLOUR_CASES)

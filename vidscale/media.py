@@ -478,7 +478,9 @@ class VideoInfo:
     unknown: an untagged matrix is taken as BT.709 for HD (height >= 720 or width >= 1280) and
     BT.601 (smpte170m) for SD, an untagged range as limited ("tv"), as players do;
     the *_guessed flags say a guess was made. `color_primaries` and `color_trc` are None when the
-    source does not say. `rotation` is counter-clockwise degrees (PyAV's convention).
+    source does not say. `rotation` is counter-clockwise degrees (PyAV's convention);
+    `display_matrix` the whole matrix it comes from (FFmpeg's nine integers), which also says
+    whether the picture is mirrored, None when the source has none.
     `average_rate` is what the container says (Matroska may say 1000); `guessed_rate` is
     FFmpeg's guess from the timestamps (r_frame_rate).
     """
@@ -499,6 +501,7 @@ class VideoInfo:
     color_trc: str | None
     colorspace_guessed: bool
     color_range_guessed: bool
+    display_matrix: tuple[int, ...] | None = None
 
     @property
     def deep(self) -> bool:
@@ -631,6 +634,7 @@ class VideoReader:
             color_trc=COLOR_TRCS.get(frame.color_trc),
             colorspace_guessed=matrix_guessed,
             color_range_guessed=range_guessed,
+            display_matrix=_display_matrix(frame),
         )
 
     @property
@@ -822,6 +826,11 @@ def _frame_rate(info: VideoInfo) -> Fraction | None:
 
 def _packet_time(packet: av.Packet) -> int | None:
     return packet.pts if packet.pts is not None else packet.dts
+
+
+def _display_matrix(frame) -> tuple[int, ...] | None:
+    data = frame.side_data.get("DISPLAYMATRIX")
+    return None if data is None else tuple(int(v) for v in np.frombuffer(bytes(data), np.int32))
 
 
 def _rotate_tag(stream) -> int:
@@ -1115,8 +1124,7 @@ class VideoWriter:
             ctx.framerate = rate
         if info.sample_aspect_ratio:
             ctx.sample_aspect_ratio = info.sample_aspect_ratio
-        if info.rotation:
-            stream.set_display_rotation(info.rotation)
+        self._orient(stream)
         if settings.colorspace:
             matrix = settings.colorspace
         elif info.colorspace_guessed or info.colorspace == "gbr":
@@ -1174,6 +1182,15 @@ class VideoWriter:
         raise UsageError(f"encoder {codec.name} refused its settings ({reason}); check "
                          f"--preset, --crf, -x and --pix-fmt{size}") from failure
 
+    def _orient(self, stream) -> None:
+        """The source's display matrix, whole: its rotation alone would turn a mirrored picture
+        (a front camera's) upside down, or lose the mirror."""
+        info = self.reader.info
+        if info.display_matrix is not None:
+            stream.set_display_matrix(info.display_matrix)
+        elif info.rotation:
+            stream.set_display_rotation(info.rotation)
+
     def _tag_video(self, stream, source):
         stream.metadata.update({k: v for k, v in self._tags(source).items()
                                 if not k.lower().startswith(_STALE_VIDEO_TAGS)})
@@ -1193,8 +1210,7 @@ class VideoWriter:
             # default duration, the last MP4 sample's), which the segments' packets do not carry.
             stream.codec_context.framerate = rate
         stream.metadata.clear()  # the segment's own tags (encoder, statistics) are not the source's
-        if self.reader.info.rotation:
-            stream.set_display_rotation(self.reader.info.rotation)
+        self._orient(stream)
         return self._tag_video(stream, source)
 
     def _keeps(self, codec: str) -> bool:
