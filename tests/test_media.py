@@ -454,6 +454,29 @@ def test_read_from_pipe_and_write_to_stdout_pipe(tmp_path, monkeypatch, fmt):
         assert b"moof" in received[0]
 
 
+@pytest.mark.parametrize("output", ["out.mkv", "out.mp4"])
+def test_an_mp4s_chapter_track_on_stdin_stays_chapters(tmp_path, monkeypatch, output):
+    # From a pipe it showed as a subtitle track of the chapter names: refused by MKV, and in MP4
+    # a visible default subtitle track.
+    data = make_clip(tmp_path / "in.mp4", audio="aac", chapters=True).read_bytes()
+    read_end, write_end = os.pipe()
+    feeder = threading.Thread(target=lambda: os.fdopen(write_end, "wb").write(data))
+    feeder.start()
+    with os.fdopen(read_end, "rb") as stdin:
+        monkeypatch.setattr(sys, "stdin", _Stdout(stdin))
+        with VideoReader("-") as reader, VideoWriter(tmp_path / output, reader, 128, 96, FAST) as writer:
+            for event in reader.events():
+                if isinstance(event, VideoFrame):
+                    writer.write_frame(nearest(event.rgb, 2), event.pts)
+                else:
+                    writer.write_packet(event)
+    feeder.join()
+    with av.open(str(tmp_path / output)) as out:
+        # An MP4 output's own chapter track reads back as a data stream, as the input's did.
+        assert [s.type for s in out.streams if s.type != "data"] == ["video", "audio"]
+        assert [c["metadata"]["title"] for c in out.chapters()] == ["Opening", "Part A"]
+
+
 def test_an_mp4_with_its_index_last_on_stdin_is_refused_with_the_cause(tmp_path, monkeypatch):
     # Larger than the buffer the demuxer could seek back in.
     data = make_clip(tmp_path / "in.mp4", frames=12, size=(640, 480), audio=False).read_bytes()

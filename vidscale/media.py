@@ -807,12 +807,17 @@ class VideoReader:
         return VideoFrame(index, frame.pts, rgb.to_ndarray(), frame.duration or 0)
 
 
-def _made_again(stream, video) -> bool:
+def _made_again(stream, video, chapters: bool) -> bool:
     """Whether `stream` is one the output is made with anyway, not a stream of its own: an
     MP4/MOV chapter track (its demuxer reads it into the chapters, which are copied, and marks it
     discarded) or a QuickTime timecode track (the video's timecode tag, which is copied and from
-    which the MOV muxer makes it again)."""
+    which the MOV muxer makes it again). `chapters`: the input has chapters."""
     if stream.discard == _DISCARD_ALL:
+        return True
+    if chapters and stream.type == "subtitle" and getattr(stream.codec_context, "codec_tag", None) == "text":
+        # Read from a pipe, the demuxer cannot seek to the chapter track to mark it, and takes
+        # the chapters from the index instead; the track is QuickTime text, where MP4 subtitles
+        # are tx3g. Copied, it was a subtitle track of the chapter names (or refused by MKV).
         return True
     timecode = stream.metadata.get("timecode")
     return stream.type == "data" and timecode is not None and timecode == video.metadata.get("timecode")
@@ -1077,6 +1082,7 @@ class VideoWriter:
             return
         self.container.metadata.update(
             {k: v for k, v in source.metadata.items() if k.lower() != "encoder"})
+        chapters = source.chapters()
         for stream in source.streams:
             if stream is self.reader.stream and self._template is not None:
                 self._streams[stream.index] = self._add_joined_video(stream)
@@ -1087,11 +1093,10 @@ class VideoWriter:
             elif _is_attached_picture(stream) and self.container.format.name == "matroska":
                 self._add_picture_attachment(stream)
                 self._made_again.add(stream.index)
-            elif _made_again(stream, self.reader.stream):
+            elif _made_again(stream, self.reader.stream, bool(chapters)):
                 self._made_again.add(stream.index)
             else:
                 self._streams[stream.index] = self._copy_stream(stream)
-        chapters = source.chapters()
         if chapters:
             if self.container.format.name in _NO_CHAPTERS:
                 raise MediaError(f"{self.label}: the {self.container.format.name} container cannot "
