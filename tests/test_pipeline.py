@@ -390,10 +390,25 @@ def test_frames_in_flight_stay_bounded(tmp_path, cache_dir, identity_x2, monkeyp
     ({"settings": vidscale.UpscaleSettings(tile="32")}, "tile = '32' is not a valid value"),
     ({"settings": vidscale.UpscaleSettings(tile=(32,))}, r"tile = \(32,\) is not a valid value"),
     ({"settings": vidscale.UpscaleSettings(dedup="off")}, "dedup = 'off' is not a valid value; give a float"),
+    # In range as well as of the right type: these were taken, or a ValueError deep in the run.
+    ({"settings": vidscale.UpscaleSettings(dedup=-3.0)}, "dedup threshold -3.0 must be at least 0 and below 255"),
+    ({"settings": vidscale.UpscaleSettings(memory_budget=0)}, "memory_budget = 0 is not valid; give the bytes"),
+    ({"memory_budget": -1}, "memory_budget = -1 is not valid"),
 ])
 def test_python_api_checks_its_settings_before_any_work(tmp_path, change, message):
     with pytest.raises(vidscale.UsageError, match=message):
         vidscale.upscale(tmp_path / "missing.mkv", tmp_path / "out.mkv", **change)
+
+
+@pytest.mark.parametrize("frame, message", [
+    (None, "frames must be numpy arrays, .height, width, 3. RGB; got NoneType"),
+    ([[[0, 0, 0]]], "frames must be numpy arrays, .height, width, 3. RGB; got list"),
+    (np.zeros((0, 10, 3), np.uint8), r"frames must be \(height, width, 3\) RGB arrays, got shape \(0, 10, 3\)"),
+])
+def test_a_frame_upscaler_refuses_what_is_not_a_frame(cache_dir, identity_x2, frame, message):
+    upscaler = vidscale.FrameUpscaler(vidscale.UpscaleSettings(model=str(identity_x2), cache_dir=cache_dir))
+    with pytest.raises(vidscale.UsageError, match=message):
+        upscaler(frame)
 
 
 def test_a_frame_upscaler_checks_settings_a_program_built(cache_dir, identity_x2):

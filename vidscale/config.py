@@ -77,6 +77,13 @@ def check_settings(settings: UpscaleSettings, where: str) -> None:
                 len(value) == 2 and all(isinstance(t, int) and not isinstance(t, bool) for t in value))):
             raise UsageError(f"{where}: UpscaleSettings {field.name} = {value!r} is not a valid value; give a "
                              f"{hints[field.name]}".replace("typing.", "").replace("pathlib.", ""))
+    try:
+        parse_dedup(settings.dedup)
+    except ValueError as exc:
+        raise UsageError(f"{where}: UpscaleSettings {exc}") from None
+    if settings.memory_budget <= 0:
+        raise UsageError(f"{where}: UpscaleSettings memory_budget = {settings.memory_budget!r} is not valid; "
+                         f"give the bytes inference may use, e.g. {DEFAULT_MEMORY_BUDGET}")
 
 
 def fits(value, hint) -> bool:

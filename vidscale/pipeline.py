@@ -140,8 +140,10 @@ class FrameUpscaler:
     def __call__(self, frame: np.ndarray) -> np.ndarray:
         """One frame upscaled. Calls from several threads run one at a time (each already keeps
         every core busy): they share the compiled models' requests."""
+        if not isinstance(frame, np.ndarray):
+            raise UsageError(f"frames must be numpy arrays, (height, width, 3) RGB; got {type(frame).__name__}")
         sample = sample_type(frame.dtype)
-        if frame.ndim != 3 or frame.shape[2] != 3:
+        if frame.ndim != 3 or frame.shape[2] != 3 or not frame.size:
             raise UsageError(f"frames must be (height, width, 3) RGB arrays, got shape {frame.shape}")
         with self._calls:
             return self._upscaled(frame, sample)
