@@ -345,7 +345,7 @@ def test_a_report_that_cannot_be_written_at_the_end_is_one_line_after_the_jobs(t
     monkeypatch.setattr(BatchReport, "write", full)
     status, err = batch(str(source), "--output-dir", str(tmp_path / "out"), "-m", str(identity_x2), *FAST,
                         "--report", str(tmp_path / "report.json"))
-    assert status == 2
+    assert status == 5  # an output that could not be written, not a usage error
     last = err.splitlines()[-1]
     assert last.startswith("vidscale: error: the batch ran (1 jobs: 1 done, 0 skipped, 0 failed in ")
     assert last.endswith(f"but its report {tmp_path / 'report.json'} could not be written (No space left on "

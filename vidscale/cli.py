@@ -17,7 +17,7 @@ import numpy as np
 
 from .config import (DEFAULT_DEDUP, DEFAULT_IMAGE_MODEL, DEFAULT_SEGMENT_SECONDS, DEFAULT_VIDEO_MODEL, RAY_STORAGES,
                      UpscaleSettings, parse_dedup)
-from .errors import EXIT_SOME_FAILED, MORE_MEMORY, OutputClosedError, UsageError, VidscaleError
+from .errors import EXIT_SOME_FAILED, MORE_MEMORY, MediaError, OutputClosedError, UsageError, VidscaleError
 from .progress import MODES, Both, EventLog, make_progress
 from .tiling import DEFAULT_OVERLAP, parse_tile
 
@@ -441,7 +441,7 @@ def _finish_batch(args: argparse.Namespace, report, log: EventLog | None) -> int
             report.write(args.report)
         except OSError as exc:
             # The jobs' outputs and records are in place; only the report is missing.
-            raise UsageError(f"the batch ran ({report.summary()}) but its report {args.report} could not "
+            raise MediaError(f"the batch ran ({report.summary()}) but its report {args.report} could not "
                              f"be written ({exc.strerror}); check that folder and free space") from None
     if log is not None:
         log.write("batch_end", summary=report.summary(), done=report.count("done"),
