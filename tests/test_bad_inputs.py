@@ -110,8 +110,9 @@ def test_an_output_that_is_not_a_regular_file_is_never_replaced(tmp_path, refuse
     (["-s", "1"], "libx264 cannot write the 65x49 output in yuv420p, which stores colour at half size, "
                   "with an odd side; use --pix-fmt yuv444p"),
     (["--preset", "bogus"], "encoder libx264 refused its settings (invalid preset 'bogus'); check --preset"),
-    (["-x", "cfr=40"], "encoder libx264 does not take cfr; check the spelling of -x options"),
-    (["-c:v", "ffv1", "--crf", "18"], "encoder ffv1 does not take crf"),
+    (["-x", "cfr=40"], "encoder libx264 does not take cfr; drop it (--crf, --preset, -x or the job file's key), "
+                       "or check the spelling"),
+    (["-c:v", "ffv1", "--crf", "18", "--preset", "slow"], "encoder ffv1 does not take crf, preset; drop them"),
 ])
 def test_settings_the_encoder_refuses_fail_before_any_frame(tmp_path, refused, monkeypatch, extra, message):
     source = make_clip(tmp_path / "in.mkv", frames=2, size=(65, 49), codec="ffv1")

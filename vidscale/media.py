@@ -1158,8 +1158,9 @@ class VideoWriter:
         # What the encoder left of its options is what it does not know.
         unknown = sorted(set(ctx.options) - settings.offered)
         if unknown:
-            raise UsageError(f"encoder {codec.name} does not take {', '.join(unknown)}; "
-                             f"check the spelling of -x options, or drop what it does not take")
+            raise UsageError(f"encoder {codec.name} does not take {', '.join(unknown)}; drop "
+                             f"{'it' if len(unknown) == 1 else 'them'} (--crf, --preset, -x or the job file's "
+                             f"key), or check the spelling")
         return self._tag_video(stream, source)
 
     def _open_encoder(self, ctx, codec: av.Codec, pix_fmt: str) -> None:
