@@ -259,7 +259,7 @@ def test_corrupt_packets_are_concealed_and_counted(tmp_path, cache_dir, identity
 
 
 def test_corrupt_packets_fail_under_strict(tmp_path, refused):
-    refused(corrupt_clip(tmp_path), 5, "corrupt video data near pts", "--strict")
+    refused(corrupt_clip(tmp_path), 5, "corrupt video data near 0.120 s (pts 120)", "--strict")
 
 
 def test_resolution_change_mid_stream(tmp_path, refused):

@@ -778,7 +778,8 @@ class VideoReader:
     def _corrupt(self, exc, pts: int | None) -> None:
         self.corrupt_at.append(pts)
         if self.strict:
-            where = f"near pts {pts}" if pts is not None else "at the end"
+            where = (f"near {float(pts * self.info.time_base):.3f} s (pts {pts})" if pts is not None
+                     else "at the end")
             raise MediaError(f"{self.label}: corrupt video data {where}"
                              f"{f' ({exc.strerror})' if exc else ''}; "
                              f"drop --strict to conceal errors as ffmpeg does")
