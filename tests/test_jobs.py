@@ -150,6 +150,28 @@ def test_a_refused_run_keeps_the_record_of_the_output_it_did_not_replace(tmp_pat
     assert "ep1.upscaled.mkv was changed after vidscale made it; pass --overwrite to replace it" in err
 
 
+@pytest.mark.parametrize("edit", ["in place", "copied without its mtime"])
+def test_an_output_edited_in_place_is_not_taken_for_done(tmp_path, batch, identity_x2, edit):
+    # Its size alone was compared: mkvpropedit (which edits in place) or bit rot went unnoticed,
+    # while a copy that only lost the mtime must still count as done.
+    source = make_clip(tmp_path / "ep1.mkv", frames=3)
+    args = [str(source), "--output-dir", str(tmp_path / "out"), "-m", str(identity_x2), *FAST]
+    assert batch(*args)[0] == 0
+    output = tmp_path / "out" / "ep1.upscaled.mkv"
+    data = output.read_bytes()
+    if edit == "in place":
+        middle = len(data) // 2
+        output.write_bytes(data[:middle] + bytes([(data[middle] + 1) % 256]) + data[middle + 1:])
+        status, err = batch(*args)
+        assert status == EXIT_SOME_FAILED
+        assert "ep1.upscaled.mkv was changed after vidscale made it; pass --overwrite to replace it" in err
+    else:
+        output.unlink()
+        output.write_bytes(data)
+        status, err = batch(*args)
+        assert status == 0 and "skipped" in err, err
+
+
 def test_job_file_with_defaults_per_job_settings_and_a_failing_job(tmp_path, batch, identity_x2):
     season = tmp_path / "season"
     season.mkdir()

@@ -325,15 +325,16 @@ def content_digest(path: Path) -> str:
     return digest.hexdigest()
 
 
-def _same_input(recorded: dict, source: Path) -> bool:
-    """Whether `source` is the input a record was made from. A changed mtime alone (a copy or a
-    restore that did not keep it) is checked against the whole content, which a repaired middle
-    (a re-checked download) changes where size and ends do not."""
-    now = fingerprint(source)
-    if recorded["input"] == now:
+def _unchanged(recorded: dict, content_sha256: str | None, path: Path) -> bool:
+    """Whether `path` is the file a record's fingerprint and whole-content hash were taken of. A
+    changed mtime alone (a copy or a restore that did not keep it) is checked against the whole
+    content, which a repaired middle (a re-checked download) or an edit in place (mkvpropedit)
+    changes where size and ends do not."""
+    now = fingerprint(path)
+    if recorded == now:
         return True
-    same_ends = all(recorded["input"][key] == now[key] for key in ("size", "sha256_ends"))
-    return same_ends and "content_sha256" in recorded and recorded["content_sha256"] == content_digest(source)
+    same_ends = all(recorded[key] == now[key] for key in ("size", "sha256_ends"))
+    return same_ends and content_sha256 is not None and content_sha256 == content_digest(path)
 
 
 def settings_digest(job: Job) -> str:
@@ -366,11 +367,13 @@ def output_mismatch(job: Job) -> str | None:
     is no readable sidecar (or no output) to tell."""
     try:
         state = json.loads(sidecar_path(job.output).read_text())
-        if job.output.stat().st_size != state["output_size"]:
+        if job.output.stat().st_size != state["output_size"] or ("output" in state and not _unchanged(
+                state["output"], state.get("output_sha256"), job.output)):
+            # (Records older than the output's fingerprint give its size alone.)
             return "was changed after vidscale made it"
         if state["settings"] != settings_digest(job):
             return "was made with other settings than this job's"
-        if not _same_input(state, job.source):
+        if not _unchanged(state["input"], state.get("content_sha256"), job.source):
             return f"was made from an earlier {job.source}, which has changed since"
         return ""
     except (OSError, ValueError, KeyError, TypeError):
@@ -393,6 +396,7 @@ def sidecar_writer(job: Job):
                              f"the output was not kept, run the job again")
         state = {"input": fingerprint(job.source), "content_sha256": content_digest(job.source),
                  "settings": settings_digest(job), "frames": frames, "output_size": finished.stat().st_size,
+                 "output": fingerprint(finished), "output_sha256": content_digest(finished),
                  "source": str(job.source)}
         write_atomically(sidecar_path(job.output), json.dumps(state, indent=2) + "\n")
 
