@@ -527,6 +527,20 @@ def test_a_signal_while_stdin_stalls_mid_run_leaves_no_temporary_output(tmp_path
     assert list(out.iterdir()) == []
 
 
+def test_interlaced_frames_are_told_in_the_summary_report_and_log(tmp_path, batch, identity_x2):
+    # They were upscaled as woven pictures without a word, and the field order tag was gone.
+    source = make_clip(tmp_path / "ep1.mkv", frames=4, options={"x264-params": "interlaced=1:tff=1"})
+    log, report = tmp_path / "log.jsonl", tmp_path / "report.json"
+    status, err = batch(str(source), "--output-dir", str(tmp_path / "out"), "-m", str(identity_x2), *FAST,
+                        "--report", str(report), "--log-file", str(log))
+    assert status == 0, err
+    told = ("4 frames are interlaced and were upscaled with their fields woven together (combing); "
+            "deinterlace the input first, e.g. ffmpeg -vf bwdif")
+    assert err.splitlines()[0].endswith(f"; {told}")
+    assert json.loads(report.read_text())["jobs"][0]["interlaced_frames"] == 4
+    assert [r["message"] for r in map(json.loads, log.read_text().splitlines()) if r["event"] == "warning"] == [told]
+
+
 def test_log_file_records_jobs_warnings_and_errors(tmp_path, batch, identity_x2):
     broken = corrupt_clip(tmp_path)
     (tmp_path / "noise.mkv").write_bytes(b"\x00" * 4000)

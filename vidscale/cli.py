@@ -244,6 +244,9 @@ def _warnings(result) -> list[str]:
                         f"(the input starts without a keyframe)")
     if result.retimed_frames:
         warnings.append(f"{result.retimed_frames} repeated timestamps moved one tick")
+    if result.interlaced_frames:
+        warnings.append(f"{result.interlaced_frames} frames are interlaced and were upscaled with their fields "
+                        f"woven together (combing); deinterlace the input first, e.g. ffmpeg -vf bwdif")
     return warnings
 
 
@@ -300,7 +303,7 @@ def run_upscale(args: argparse.Namespace, log: EventLog | None) -> int:
     if log is not None:
         log.write("end", **where, status="done", frames=result.frames, seconds=round(result.seconds, 3),
                   fps=round(result.fps, 3), corrupt_packets=result.corrupt_packets,
-                  lost_at_start=result.lost_at_start,
+                  lost_at_start=result.lost_at_start, interlaced_frames=result.interlaced_frames,
                   retimed_frames=result.retimed_frames, reused_frames=result.reused_frames,
                   resumed_frames=result.resumed_frames)
     if not args.quiet:

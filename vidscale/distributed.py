@@ -422,6 +422,7 @@ class _Driver:
             fps=round((frames - run.resumed_frames) / seconds, 3) if seconds > 0 else 0.0,
             corrupt_packets=sum(r.corrupt_packets for r in run.done.values()),
             lost_at_start=sum(r.lost_at_start for r in run.done.values()),
+            interlaced_frames=sum(r.interlaced_frames for r in run.done.values()),
             retimed_frames=sum(r.retimed_frames for r in run.done.values()),
             reused_frames=sum(r.reused_frames for r in run.done.values()),
             resumed_frames=run.resumed_frames))

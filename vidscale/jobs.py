@@ -521,5 +521,6 @@ def run_job(job: Job, overwrite: bool, segment_seconds: float, progress=None) ->
     return JobResult(str(job.source), str(job.output), "done", frames=result.frames,
                      seconds=round(result.seconds, 3), fps=round(result.fps, 3),
                      corrupt_packets=result.corrupt_packets, lost_at_start=result.lost_at_start,
+                     interlaced_frames=result.interlaced_frames,
                      retimed_frames=result.retimed_frames,
                      reused_frames=result.reused_frames, resumed_frames=result.resumed_frames)

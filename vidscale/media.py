@@ -536,7 +536,9 @@ class VideoReader:
     timestamps in `corrupt_at`), as ffmpeg does, unless strict=True, which raises MediaError on
     the first one. Frames a decoder cannot produce (a stream starting mid-GOP) are not output;
     the packets ahead of the first picture that gave none are counted in `lost_at_start`
-    (strict=True raises MediaError instead). A size change mid-stream raises MediaError, and so
+    (strict=True raises MediaError instead). Frames flagged interlaced are upscaled as the
+    pictures they are (the fields woven together), their timestamps in `interlaced_at`. A size
+    change mid-stream raises MediaError, and so
     does a video that ends before its header says it does (truncated). Video streams other than
     the upscaled one are copied as they are.
 
@@ -551,6 +553,7 @@ class VideoReader:
         self.deep = deep
         self.strict = strict
         self.corrupt_at: list[int | None] = []
+        self.interlaced_at: list[int | None] = []
         self.lost_at_start = 0
         # Timestamps of the video packets decoded before the first picture came out.
         self._before_first: list[int | None] | None = []
@@ -787,6 +790,8 @@ class VideoReader:
     def _frame(self, frame: av.VideoFrame) -> VideoFrame:
         info = self.info
         index = self._next_index
+        if frame.interlaced_frame:
+            self.interlaced_at.append(frame.pts)
         if (frame.width, frame.height) != (info.width, info.height):
             raise MediaError(f"{self.label}: frame {index} changes size from "
                              f"{info.width}x{info.height} to {frame.width}x{frame.height}; "

@@ -221,6 +221,8 @@ class VideoResult:
     opening input and output. Per run, not per frame, so a long video hides it."""
     lost_at_start: int = 0
     """Video packets at the start of the input that gave no picture (see VideoReader)."""
+    interlaced_frames: int = 0
+    """Frames flagged interlaced, upscaled as woven pictures (see VideoReader)."""
 
     @property
     def fps(self) -> float:
@@ -407,7 +409,7 @@ def upscale_video(source, destination, settings: UpscaleSettings = UpscaleSettin
         return VideoResult(output=str(destination), frames=decoded, seconds=time.monotonic() - started,
                            corrupt_packets=reader.corrupt_packets, retimed_frames=writer.retimed_frames,
                            reused_frames=reused, setup_seconds=ready - started,
-                           lost_at_start=reader.lost_at_start)
+                           lost_at_start=reader.lost_at_start, interlaced_frames=len(reader.interlaced_at))
 
 
 def _prepare(frame_upscaler: FrameUpscaler, reader: VideoReader,
@@ -433,6 +435,7 @@ class SegmentResult:
     reused_frames: int
     lost_at_start: int
     """Counted by the first segment only."""
+    interlaced_frames: int
 
 
 def upscale_segment(source: Path, target: Path, starts: list[int], index: int, frame_upscaler: FrameUpscaler,
@@ -462,8 +465,9 @@ def upscale_segment(source: Path, target: Path, starts: list[int], index: int, f
     # The decoder reads a few packets past both ends of the window (pictures out of order), so a
     # broken packet near an edge is seen by two segments.
     corrupt = sum(1 for pts in reader.corrupt_at if pts is None or window.holds(pts))
+    interlaced = sum(1 for pts in reader.interlaced_at if pts is None or window.holds(pts))
     return SegmentResult(lone.records.get(index), corrupt, sink.retimed_frames, reused,
-                         reader.lost_at_start if index == 0 else 0)
+                         reader.lost_at_start if index == 0 else 0, interlaced)
 
 
 class _Window:
@@ -542,7 +546,7 @@ def _upscale_in_segments(reader: VideoReader, source, destination: Path, encoder
     return VideoResult(output=str(destination), frames=frames, seconds=time.monotonic() - started,
                        corrupt_packets=reader.corrupt_packets, retimed_frames=sink.retimed_frames,
                        reused_frames=reused, resumed_frames=sink.resumed_frames, setup_seconds=ready - started,
-                       lost_at_start=reader.lost_at_start)
+                       lost_at_start=reader.lost_at_start, interlaced_frames=len(reader.interlaced_at))
 
 
 def _run_stages(reader: VideoReader | _Window, writer: VideoWriter | SegmentSink, plan: TilePlan, model: Upscaler,

@@ -26,6 +26,7 @@ class JobResult:
     fps: float = 0.0
     corrupt_packets: int = 0
     lost_at_start: int = 0
+    interlaced_frames: int = 0
     retimed_frames: int = 0
     reused_frames: int = 0
     resumed_frames: int = 0
