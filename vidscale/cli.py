@@ -312,7 +312,7 @@ def run_upscale(args: argparse.Namespace, log: EventLog | None) -> int:
     return 0
 
 
-def plan_batch(args: argparse.Namespace):
+def _plan_batch(args: argparse.Namespace):
     """The batch's jobs and its job file's run options, its report path checked against them."""
     from .jobs import RunOptions, jobs_from_file, jobs_from_inputs, run_options
 
@@ -331,17 +331,17 @@ def plan_batch(args: argparse.Namespace):
         jobs = jobs_from_inputs(args.inputs, args.output_dir, args.template, values,
                                 args.cache_dir)
     if args.report is not None:
-        _refuse_claimed(args.report, "--report", "report", batch_claims(jobs))
+        _refuse_claimed(args.report, "--report", "report", _batch_claims(jobs))
     return jobs, in_file
 
 
 def _plan(args: argparse.Namespace):
-    """plan_batch's (jobs, run options) and None, or None and the error in them."""
+    """_plan_batch's (jobs, run options) and None, or None and the error in them."""
     report_checked = False
     try:
-        check_report_path(args.report)
+        _check_report_path(args.report)
         report_checked = True
-        return plan_batch(args), None
+        return _plan_batch(args), None
     except VidscaleError as exc:
         return None, exc
     except KeyboardInterrupt:
@@ -354,7 +354,7 @@ def _plan(args: argparse.Namespace):
         raise
 
 
-def check_report_path(report: Path | None) -> None:
+def _check_report_path(report: Path | None) -> None:
     """Before anything else: the report is written when the batch ends (perhaps hours later), or
     when it is stopped, even while the libraries load."""
     if report is None:
@@ -369,7 +369,7 @@ def check_report_path(report: Path | None) -> None:
     _refuse_unless_ours(report, "--report", "report", _REPORT_PEEK, lambda text: "jobs" in json.loads(text))
 
 
-def batch_claims(jobs) -> list[tuple[str, Path]]:
+def _batch_claims(jobs) -> list[tuple[str, Path]]:
     """(what, path) of every file a batch reads or writes, for its report and log to keep clear of."""
     from .jobs import sidecar_path
 
@@ -502,7 +502,7 @@ def main(argv: list[str] | None = None, *, exiting: bool = False) -> int:
         if getattr(args, "log_file", None) is not None:
             claimed = ([("the run's input", args.input or args.input_option), ("the run's output", args.output)]
                        if args.command == "upscale" else
-                       [("the run's report", args.report), *batch_claims(plan[0] if plan else [])])
+                       [("the run's report", args.report), *_batch_claims(plan[0] if plan else [])])
             log = _open_log(args.log_file, claimed)
         if planning_error is not None:
             raise planning_error
@@ -546,7 +546,7 @@ def main(argv: list[str] | None = None, *, exiting: bool = False) -> int:
 
 
 def _open_log(path: Path, claimed: list[tuple[str, str | os.PathLike | None]]) -> EventLog:
-    """The log at `path`, which must not be one of the `claimed` (option, path) files of the run."""
+    """The log at `path`, which must not be one of the `claimed` (role, path) files of the run."""
     if str(path) == "-":
         raise UsageError("--log-file takes a file path (stderr carries progress: --progress json)")
     _refuse_claimed(path, "--log-file", "log", claimed)
