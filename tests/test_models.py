@@ -2,6 +2,7 @@
 that refuse bad or unsafe files with a message instead of a traceback (or worse, running them)."""
 
 import hashlib
+import pickle
 import shutil
 from pathlib import Path
 
@@ -221,6 +222,37 @@ def test_pickle_with_code_is_refused_and_never_executed(tmp_path):
         with pytest.raises(ModelError, match="contains code or objects that are not plain weights"):
             load(path)
     assert not marker.exists()
+
+
+def test_a_pickle_torch_cannot_read_restricted_is_one_line_that_does_not_advise_an_unrestricted_load(tmp_path, capfd):
+    # torch's refusal opens with "Re-running torch.load with weights_only set to False will likely
+    # succeed", and it warned on stderr first.
+    marker = tmp_path / "pwned"
+    path = tmp_path / "evil.pth"
+    path.write_bytes(pickle.dumps(RunsShellOnLoad(f"touch {marker}"), protocol=4))
+    with pytest.raises(ModelError) as refused:
+        resolve(path)
+    assert str(refused.value) == (f"{path} is not a readable PyTorch weight file (Unsupported operand 149); save "
+                                  f"the weights with torch.save (a state dict of tensors), or as .safetensors")
+    assert capfd.readouterr().err == "" and not marker.exists()
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_weights_that_are_not_finite_are_refused(tmp_path, bad):
+    # One NaN made every pixel of the output black, with exit 0.
+    state_dict = SRVGGNetCompact(num_feat=8, num_conv=2, upscale=2).state_dict()
+    state_dict["body.0.weight"][0, 0, 0, 0] = bad
+    with pytest.raises(ModelError, match=r"holds NaN or infinite weights in body\.0\.weight: the file is damaged"):
+        resolve(save(state_dict, tmp_path / "diverged.pth"))
+
+
+@pytest.mark.parametrize("channels", [1, 4])
+def test_a_model_for_other_than_rgb_pictures_is_refused(channels):
+    # It failed in OpenVINO's conversion with a traceback.
+    for network in (RRDBNet(num_in_ch=channels, num_out_ch=channels, num_feat=16, num_block=1, num_grow_ch=8),
+                    SRVGGNetCompact(num_in_ch=channels, num_out_ch=channels, num_feat=8, num_conv=2, upscale=2)):
+        with pytest.raises(ModelError, match=f"it takes {channels}-channel pictures; vidscale runs RGB"):
+            detect(network.state_dict())
 
 
 @pytest.mark.parametrize(

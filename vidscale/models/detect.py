@@ -240,6 +240,14 @@ def _check_matches(spec: ModelSpec, sd: Mapping[str, torch.Tensor], name: str) -
     not_float = [k for k in expected if not sd[k].is_floating_point()]
     if not_float:
         _unsupported(name, f"{_few(not_float)} hold {sd[not_float[0]].dtype} values, not floating point weights")
+    if spec.kwargs()["num_in_ch"] != 3:
+        _unsupported(name, f"it takes {spec.kwargs()['num_in_ch']}-channel pictures; vidscale runs RGB (3-channel) "
+                           f"models")
+    # A single NaN or infinity (a diverged training run, a damaged file) turns every pixel black.
+    not_finite = [k for k in expected if not bool(torch.isfinite(sd[k]).all())]
+    if not_finite:
+        raise ModelError(f"{name} holds NaN or infinite weights in {_few(not_finite)}: the file is damaged, or "
+                         f"its training diverged; use another copy or checkpoint")
 
 
 def _few(keys: list[str]) -> str:

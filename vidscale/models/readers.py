@@ -9,6 +9,7 @@ import io
 import os
 import pickle
 import struct
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import NoReturn
@@ -84,7 +85,10 @@ _CODE_MARKERS = ("GLOBAL", "add_safe_globals", "unrecognized function")
 
 def _unpickle_weights(data: bytes, path: Path) -> object:
     try:
-        return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():
+            # torch warns (two lines on stderr) of any pickle protocol but its own before refusing it.
+            warnings.simplefilter("ignore")
+            return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
         # torch's restricted unpickler stops at the first import or call of anything but tensor
         # rebuilding, before running it; garbage bytes fail in the same unpickler on a bad opcode.
@@ -93,7 +97,8 @@ def _unpickle_weights(data: bytes, path: Path) -> object:
                 f"{path} contains code or objects that are not plain weights and will not be loaded; "
                 "use a .safetensors file or a .pth holding only tensors"
             ) from None
-        raise ModelError(f"{path} is not a readable PyTorch weight file ({_short(exc)})") from None
+        raise ModelError(f"{path} is not a readable PyTorch weight file ({_short(exc)}); save the weights with "
+                         f"torch.save (a state dict of tensors), or as .safetensors") from None
     except Exception as exc:
         # Garbage surfaces as KeyError, EOFError, RuntimeError... depending on the first bytes.
         raise ModelError(
@@ -119,7 +124,13 @@ def _state_dict_of(loaded: object, path: Path) -> dict[str, torch.Tensor]:
 
 
 def _short(exc: Exception) -> str:
-    return str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__
+    text = str(exc)
+    # torch's weights-only refusal opens with advice to load the file unrestricted (which runs any
+    # code in it); the reason comes after.
+    _, marker, reason = text.partition("WeightsUnpickler error:")
+    if marker:
+        text = reason.strip()
+    return text.splitlines()[0][:200] if text else type(exc).__name__
 
 
 # --- ncnn -------------------------------------------------------------------------------------------
