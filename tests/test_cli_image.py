@@ -107,6 +107,8 @@ def test_jpeg_output_and_its_limits(tmp_path, run, identity_model):
     ("empty", 5, "is empty"),
     ("garbage", 5, "is not a readable image"),
     ("video", 5, "is h264 in matroska, not a picture; give a PNG or JPEG image (vidscale upscale takes video)"),
+    # FFmpeg fills in the missing part of a cut-short JPEG without an error: it was upscaled, exit 0.
+    ("cut JPEG", 5, "cut.jpg is cut short (its JPEG end marker is missing); download or copy it again"),
     ("exists", 2, "already exists; pass --overwrite"),
     ("same", 2, "is the input file"),
     ("model", 3, "unknown model 'no-such-model'; known models: RealESRGAN_x4plus_anime_6B"),
@@ -130,6 +132,12 @@ def test_bad_requests_fail_with_one_clear_line_and_leave_nothing(tmp_path, run, 
         source.write_bytes(np.random.default_rng(7).bytes(5000))
     elif case == "video":
         source = make_clip(tmp_path / "clip.mkv", frames=2)
+    elif case == "cut JPEG":
+        pixels = np.random.default_rng(3).integers(0, 256, (48, 64, 3), np.uint8)
+        write_image(Image(pixels), tmp_path / "whole.jpg")
+        assert read_image(tmp_path / "whole.jpg").pixels.shape == (48, 64, 3)
+        source = tmp_path / "cut.jpg"
+        source.write_bytes((tmp_path / "whole.jpg").read_bytes()[:-100])
     elif case == "exists":
         output.write_bytes(b"keep me")
     elif case == "same":

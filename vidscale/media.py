@@ -75,6 +75,9 @@ def read_image(path: Path) -> Image:
                          f"give a PNG or JPEG file") from exc
     if frame is None:
         raise MediaError(f"{path} holds no decodable picture; give a PNG or JPEG image")
+    if codec == "mjpeg" and not _jpeg_ends(path.read_bytes()):
+        # FFmpeg fills in what is missing of a cut-short JPEG, without an error.
+        raise MediaError(f"{path} is cut short (its JPEG end marker is missing); download or copy it again")
     fmt = frame.format
     deep = any(c.bits > 8 for c in fmt.components)
     alpha = fmt.name == "pal8" or any(c.is_alpha for c in fmt.components)
@@ -86,6 +89,33 @@ def read_image(path: Path) -> Image:
         pixels = pixels[:, :, :3]
     grey = fmt.name != "pal8" and sum(not c.is_alpha for c in fmt.components) == 1
     return Image(np.ascontiguousarray(pixels), grey=grey)
+
+
+def _jpeg_ends(data: bytes) -> bool:
+    """Whether a JPEG's segments and scans run to its end-of-image marker. Walked segment by
+    segment: an EXIF thumbnail has an end marker of its own, inside the APP1 segment."""
+    at = 2  # after the start-of-image marker
+    while at + 1 < len(data) and data[at] == 0xFF:
+        marker = data[at + 1]
+        if marker == 0xD9:
+            return True
+        if marker == 0xFF:  # fill byte
+            at += 1
+            continue
+        at += 2 + int.from_bytes(data[at + 2 : at + 4], "big")
+        if marker == 0xDA:  # a scan: entropy-coded data up to the next marker
+            while True:
+                at = data.find(b"\xff", at)
+                if at < 0 or at + 1 >= len(data):
+                    return False
+                # 0xFF 0x00 is a coded 0xFF; RSTn markers sit inside the scan.
+                if data[at + 1] == 0x00 or 0xD0 <= data[at + 1] <= 0xD7:
+                    at += 2
+                elif data[at + 1] == 0xFF:
+                    at += 1
+                else:
+                    break
+    return False
 
 
 def write_image(image: Image, path: Path) -> None:
