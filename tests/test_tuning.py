@@ -80,6 +80,27 @@ def test_the_fastest_choice_wins_and_is_used_and_cached(settings, monkeypatch):
             other()
 
 
+@pytest.mark.parametrize("damage", ["a list", "an entry without streams", "a tile finer than the overlap"])
+def test_a_damaged_cached_choice_is_measured_again(settings, monkeypatch, damage):
+    # Only unreadable JSON was: these were a KeyError or TypeError traceback, or an error about
+    # a --tile nobody gave.
+    monkeypatch.setattr(tuning, "measure", lambda engine, tile, streams, batch=1, requests=0, **_:
+                        fake_fps(tile, streams, batch, requests))
+    best = FrameUpscaler(settings).plan(90, 130).tile_shape
+    path = settings.cache_dir / tuning.TUNING_FILE
+    record = json.loads(path.read_text())
+    (key,) = record
+    if damage == "a list":
+        record = []
+    elif damage == "an entry without streams":
+        del record[key]["streams"]
+    else:
+        record[key]["tile"] = [8, 8]
+    path.write_text(json.dumps(record))
+    assert FrameUpscaler(settings).plan(90, 130).tile_shape == best
+    assert json.loads(path.read_text())[key]["tile"] == list(best)  # and cached whole again
+
+
 def test_a_video_runs_with_several_tiles_per_request(settings, monkeypatch, tmp_path):
     monkeypatch.setattr(tuning, "measure", lambda engine, tile, streams, batch=1, requests=0, **_: fake_fps(
         tile, streams, batch, requests))

@@ -100,10 +100,9 @@ def tuned(engine: Engine, height: int, width: int, *, outscale: int, overlap: in
     key = ":".join(str(part) for part in (_FORMAT, engine.model.digest, f"{height}x{width}", outscale,
                                           overlap, engine.precision_for(sample), engine.settings.device, cores()))
     path = engine.settings.resolved_cache_dir / TUNING_FILE
-    known = _load(path)
-    if key in known:
-        entry = known[key]
-        return Choice(tuple(entry["tile"]), entry["streams"], entry["batch"], entry["requests"], entry["fps"])
+    cached = _cached(_load(path).get(key), height, width, overlap)
+    if cached is not None:
+        return cached
     frame = {"height": height, "width": width, "outscale": outscale, "overlap": overlap}
     results = []
 
@@ -138,9 +137,27 @@ def tuned(engine: Engine, height: int, width: int, *, outscale: int, overlap: in
 
 def _load(path: Path) -> dict:
     try:
-        return json.loads(path.read_text())
+        known = json.loads(path.read_text())
     except (OSError, ValueError):
         return {}  # none yet, or unreadable: measuring again is always safe
+    return known if isinstance(known, dict) else {}
+
+
+def _cached(entry, height: int, width: int, overlap: int) -> Choice | None:
+    """The cached choice for frames of this size, or None when there is none or it is not one
+    that could have been made (edited or damaged by hand): then it is measured again, as for a
+    new size, rather than failing, or blaming a --tile nobody gave."""
+    try:
+        choice = Choice(tuple(entry["tile"]), entry["streams"], entry["batch"], entry["requests"], entry["fps"])
+    except (TypeError, KeyError):
+        return None
+    numbers = (*choice.tile, choice.streams, choice.batch, choice.requests)
+    if len(choice.tile) != 2 or not all(isinstance(n, int) and not isinstance(n, bool) and n >= 0 for n in numbers):
+        return None
+    cut_too_fine = any(side < size and side <= overlap for side, size in zip(choice.tile, (height, width)))
+    if min(choice.tile, default=0) < 1 or choice.streams < 1 or choice.batch < 1 or cut_too_fine:
+        return None
+    return choice
 
 
 def _save(path: Path, known: dict) -> None:
