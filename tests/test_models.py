@@ -4,6 +4,7 @@ that refuse bad or unsafe files with a message instead of a traceback (or worse,
 import hashlib
 import pickle
 import shutil
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -235,6 +236,19 @@ def test_a_pickle_torch_cannot_read_restricted_is_one_line_that_does_not_advise_
     assert str(refused.value) == (f"{path} is not a readable PyTorch weight file (Unsupported operand 149); save "
                                   f"the weights with torch.save (a state dict of tensors), or as .safetensors")
     assert capfd.readouterr().err == "" and not marker.exists()
+
+
+def test_a_checkpoint_that_unpacks_to_far_more_than_a_model_is_refused_before_it_is_unpacked(tmp_path):
+    # Zeros deflate a thousandfold: a 1 MB file claiming 1 GiB took 1.3 GB of memory to refuse.
+    path = tmp_path / "bomb.pth"
+    torch.save({"conv_first.weight": torch.zeros(1)}, path)
+    with zipfile.ZipFile(path, "a", compression=zipfile.ZIP_DEFLATED) as archive:
+        with archive.open("bomb/data/1", "w", force_zip64=True) as entry:
+            for _ in range(600):
+                entry.write(bytes(1024**2))
+    assert path.stat().st_size < 8 * 1024**2
+    with pytest.raises(ModelError, match=r"bomb\.pth unpacks to 600 MB, more than any super-resolution model's"):
+        resolve(path)
 
 
 @pytest.mark.parametrize("bad", [float("nan"), float("inf")])

@@ -10,6 +10,7 @@ import os
 import pickle
 import struct
 import warnings
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import NoReturn
@@ -83,7 +84,22 @@ def weights_from_bytes(data: bytes, path: Path) -> dict[str, torch.Tensor]:
 _CODE_MARKERS = ("GLOBAL", "add_safe_globals", "unrecognized function")
 
 
+# What a weight file may unpack to. Real-ESRGAN's largest (x4plus) is 67 MB; a torch checkpoint is
+# a zip, and a deflated entry of zeros claims a thousand times its size before anything checks it.
+_MAX_UNPACKED_BYTES = 512 * 1024**2
+
+
 def _unpickle_weights(data: bytes, path: Path) -> object:
+    if data.startswith(b"PK\x03\x04"):
+        try:
+            with zipfile.ZipFile(io.BytesIO(data)) as archive:
+                unpacked = sum(entry.file_size for entry in archive.infolist())
+        except (zipfile.BadZipFile, ValueError):
+            unpacked = 0  # torch.load says what is wrong with it
+        if unpacked > _MAX_UNPACKED_BYTES:
+            raise ModelError(f"{path} unpacks to {unpacked / 1024**2:.0f} MB, more than any super-resolution "
+                             f"model's weights ({_MAX_UNPACKED_BYTES // 1024**2} MB at most); it is not "
+                             f"loaded")
     try:
         with warnings.catch_warnings():
             # torch warns (two lines on stderr) of any pickle protocol but its own before refusing it.
