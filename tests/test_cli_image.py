@@ -11,6 +11,7 @@ from clips import make_clip
 from conftest import nearest, save_compact
 from vidscale.cli import main
 from vidscale.media import Image, read_image, write_image
+from vidscale.pipeline import FrameUpscaler
 
 
 @pytest.fixture
@@ -89,16 +90,20 @@ def test_grey_pictures_stay_grey(tmp_path, run, identity_model, dtype, alpha):
     assert np.array_equal(out.pixels, nearest(pixels, 4))
 
 
-def test_jpeg_output_and_its_limits(tmp_path, run, identity_model):
+def test_jpeg_output_and_its_limits(tmp_path, run, identity_model, monkeypatch):
     pixels = np.full((8, 8, 3), 128, np.uint8)
     write_image(Image(pixels), tmp_path / "grey.png")
     assert run("image", str(tmp_path / "grey.png"), "-o", str(tmp_path / "out.jpg"), "-m", str(identity_model))[0] == 0
     assert np.abs(read_image(tmp_path / "out.jpg").pixels.astype(int) - 128).max() <= 2
     write_image(Image(np.full((8, 8, 4), 128, np.uint8)), tmp_path / "alpha.png")
-    status, err = run("image", str(tmp_path / "alpha.png"), "-o", str(tmp_path / "alpha.jpg"), "-m",
-                      str(identity_model))
-    assert status == 2 and "JPEG has no alpha channel" in err and "write a .png" in err
-    assert not (tmp_path / "alpha.jpg").exists()
+    # Refused before the upscale, which for a large picture takes minutes.
+    monkeypatch.setattr(FrameUpscaler, "__call__", lambda *_: pytest.fail("upscaled before the refusal"))
+    for output, message in (("alpha.jpg", "JPEG has no alpha channel; write a .png instead"),
+                            ("alpha.webp", "unknown picture type '.webp'; use one of .png")):
+        status, err = run("image", str(tmp_path / "alpha.png"), "-o", str(tmp_path / output), "-m",
+                          str(identity_model))
+        assert status == 2 and message in err
+        assert not (tmp_path / output).exists()
 
 
 @pytest.mark.parametrize("case, status, message", [

@@ -455,11 +455,12 @@ def _finish_batch(args: argparse.Namespace, report, log: EventLog | None) -> int
 
 
 def run_image(args: argparse.Namespace) -> int:
-    from .media import Image, check_output, read_image, write_image
+    from .media import Image, check_output, image_codec, read_image, write_image
     from .pipeline import FrameUpscaler, sample_type
 
     check_output(args.output, [args.input], args.overwrite)
     picture = read_image(args.input)
+    image_codec(args.output, picture)
     started = time.monotonic()
     upscaler = FrameUpscaler(settings_from(args), calibration=None if args.calibration else [picture.rgb],
                              evaluation=[picture.rgb])

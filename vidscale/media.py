@@ -118,18 +118,25 @@ def _jpeg_ends(data: bytes) -> bool:
     return False
 
 
+def image_codec(path: Path, image: Image) -> str:
+    """The codec that writes `image` (its upscaled self has the same channels) to `path`, or
+    UsageError: asked before the upscale, which may take minutes, as well as at the write."""
+    codec = IMAGE_CODECS.get(Path(path).suffix.lower())
+    if codec is None:
+        raise UsageError(f"cannot write {path}: unknown picture type {Path(path).suffix!r}; "
+                         f"use one of {', '.join(IMAGE_CODECS)}")
+    if codec == "mjpeg" and image.has_alpha:
+        raise UsageError(f"cannot write {path}: JPEG has no alpha channel; write a .png instead")
+    return codec
+
+
 def write_image(image: Image, path: Path) -> None:
     """Write PNG (8 or 16 bit, with alpha) or JPEG; a failed write leaves nothing at `path`."""
     path = Path(path)
-    codec = IMAGE_CODECS.get(path.suffix.lower())
-    if codec is None:
-        raise UsageError(f"cannot write {path}: unknown picture type {path.suffix!r}; "
-                         f"use one of {', '.join(IMAGE_CODECS)}")
+    codec = image_codec(path, image)
     pixels = image.pixels
     deep = pixels.dtype == np.uint16
     if codec == "mjpeg":
-        if image.has_alpha:
-            raise UsageError(f"cannot write {path}: JPEG has no alpha channel; write a .png instead")
         if deep:
             pixels = (pixels.astype(np.uint32) * 255 + 32767) // 65535
             pixels = pixels.astype(np.uint8)
