@@ -15,7 +15,7 @@ from clips import (COLOUR_CASES, bad_inputs, corrupt_clip, demux_all, make_clip,
 from conftest import media, nearest
 from vidscale.errors import MediaError, UsageError
 from vidscale.media import (
-    ENCODER_DEFAULTS, EncoderSettings, OutputClosedError, VideoFrame, VideoReader, VideoWriter,
+    ENCODER_DEFAULTS, EncoderSettings, Image, OutputClosedError, VideoFrame, VideoReader, VideoWriter, write_image,
 )
 
 FAST = EncoderSettings(preset="ultrafast")
@@ -164,6 +164,27 @@ def test_a_mirrored_picture_stays_mirrored(tmp_path, rotation, hflip, output):
         assert after.info.display_matrix == matrix
 
 
+def test_frames_with_side_data_pyav_does_not_know_are_read(tmp_path):
+    # MJPEG frames with EXIF (a camera's): reading the frame's side data raised ValueError in PyAV.
+    write_image(Image(np.zeros((48, 64, 3), np.uint8)), tmp_path / "frame.jpg")
+    tiff = b"II*\x00\x08\x00\x00\x00\x01\x00\x12\x01\x03\x00\x01\x00\x00\x00\x06\x00\x00\x00\x00\x00\x00\x00"
+    exif = b"Exif\x00\x00" + tiff  # orientation 6
+    data = (tmp_path / "frame.jpg").read_bytes()
+    data = data[:2] + b"\xff\xe1" + (len(exif) + 2).to_bytes(2, "big") + exif + data[2:]
+    source = tmp_path / "camera.mkv"
+    with av.open(str(source), "w") as clip:
+        video = clip.add_stream("mjpeg", rate=25)
+        video.width, video.height, video.pix_fmt = 64, 48, "yuvj444p"
+        for index in range(3):
+            packet = av.Packet(data)
+            packet.stream, packet.time_base, packet.is_keyframe = video, Fraction(1, 25), True
+            packet.pts = packet.dts = index
+            clip.mux(packet)
+    info, pts, _ = upscale(source, tmp_path / "out.mkv")
+    assert (info.width, info.height, len(pts)) == (64, 48, 3)
+
+
+# --- colour --------------------------------------------------------------------------------
 # --- colour --------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("case", COLOUR_CASES)

@@ -877,7 +877,10 @@ def _packet_time(packet: av.Packet) -> int | None:
 
 
 def _display_matrix(frame) -> tuple[int, ...] | None:
-    data = frame.side_data.get("DISPLAYMATRIX")
+    try:
+        data = frame.side_data.get("DISPLAYMATRIX")
+    except ValueError:  # side data of a type PyAV does not know (FFmpeg's EXIF, say): it reads none
+        return None
     return None if data is None else tuple(int(v) for v in np.frombuffer(bytes(data), np.int32))
 
 
