@@ -90,6 +90,34 @@ def test_grey_pictures_stay_grey(tmp_path, run, identity_model, dtype, alpha):
     assert np.array_equal(out.pixels, nearest(pixels, 4))
 
 
+def with_exif_orientation(jpeg: bytes, orientation: int, order: str = "little") -> bytes:
+    """`jpeg` with an APP1 EXIF segment whose only tag is the orientation."""
+    def number(value, size):
+        return value.to_bytes(size, order)
+
+    tiff = ((b"II" if order == "little" else b"MM") + number(42, 2) + number(8, 4) + number(1, 2)
+            + number(0x0112, 2) + number(3, 2) + number(1, 4) + number(orientation, 2) + b"\x00\x00" + number(0, 4))
+    exif = b"Exif\x00\x00" + tiff
+    return jpeg[:2] + b"\xff\xe1" + (len(exif) + 2).to_bytes(2, "big") + exif + jpeg[2:]
+
+
+@pytest.mark.parametrize("orientation, shown", [
+    (1, lambda p: p), (3, lambda p: np.rot90(p, 2)), (6, lambda p: np.rot90(p, -1)), (8, lambda p: np.rot90(p, 1)),
+    (2, lambda p: p[:, ::-1]), (5, lambda p: p.transpose(1, 0, 2))])
+@pytest.mark.parametrize("order", ["little", "big"])
+def test_a_jpeg_is_upscaled_as_its_exif_orientation_shows_it(tmp_path, run, identity_model, orientation, shown, order):
+    # A phone's portrait photo is stored on its side: it came out sideways.
+    stored = np.random.default_rng(5).integers(0, 256, (12, 16, 3), np.uint8)
+    write_image(Image(stored), tmp_path / "plain.jpg")
+    decoded = read_image(tmp_path / "plain.jpg").pixels
+    photo = tmp_path / "photo.jpg"
+    photo.write_bytes(with_exif_orientation((tmp_path / "plain.jpg").read_bytes(), orientation, order))
+    assert np.array_equal(read_image(photo).pixels, shown(decoded))
+    if orientation == 6:
+        assert run("image", str(photo), "-o", str(tmp_path / "out.png"), "-m", str(identity_model))[0] == 0
+        assert read_image(tmp_path / "out.png").pixels.shape == (64, 48, 3)
+
+
 def test_jpeg_output_and_its_limits(tmp_path, run, identity_model, monkeypatch):
     pixels = np.full((8, 8, 3), 128, np.uint8)
     write_image(Image(pixels), tmp_path / "grey.png")

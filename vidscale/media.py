@@ -75,9 +75,14 @@ def read_image(path: Path) -> Image:
                          f"give a PNG or JPEG file") from exc
     if frame is None:
         raise MediaError(f"{path} holds no decodable picture; give a PNG or JPEG image")
-    if codec == "mjpeg" and not _jpeg_ends(path.read_bytes()):
-        # FFmpeg fills in what is missing of a cut-short JPEG, without an error.
-        raise MediaError(f"{path} is cut short (its JPEG end marker is missing); download or copy it again")
+    orientation = 1
+    if codec == "mjpeg":
+        segments = list(_jpeg_segments(path.read_bytes()))
+        if segments[-1:] != [(0xD9, b"")]:
+            # FFmpeg fills in what is missing of a cut-short JPEG, without an error.
+            raise MediaError(f"{path} is cut short (its JPEG end marker is missing); download or copy it again")
+        # A camera's picture is stored as the sensor saw it, and shown turned as EXIF says.
+        orientation = _exif_orientation(segments)
     fmt = frame.format
     deep = any(c.bits > 8 for c in fmt.components)
     alpha = fmt.name == "pal8" or any(c.is_alpha for c in fmt.components)
@@ -88,26 +93,30 @@ def read_image(path: Path) -> Image:
         # CMYK one to RGB with an opaque alpha plane.
         pixels = pixels[:, :, :3]
     grey = fmt.name != "pal8" and sum(not c.is_alpha for c in fmt.components) == 1
-    return Image(np.ascontiguousarray(pixels), grey=grey)
+    return Image(np.ascontiguousarray(_upright(pixels, orientation)), grey=grey)
 
 
-def _jpeg_ends(data: bytes) -> bool:
-    """Whether a JPEG's segments and scans run to its end-of-image marker. Walked segment by
-    segment: an EXIF thumbnail has an end marker of its own, inside the APP1 segment."""
+def _jpeg_segments(data: bytes):
+    """(marker, payload) of a JPEG's segments in order, walked by their lengths (an EXIF
+    thumbnail's own markers sit inside its APP1 payload) and over each scan's coded data; the
+    last is (0xD9, b"") when the picture runs to its end marker."""
     at = 2  # after the start-of-image marker
     while at + 1 < len(data) and data[at] == 0xFF:
         marker = data[at + 1]
         if marker == 0xD9:
-            return True
+            yield marker, b""
+            return
         if marker == 0xFF:  # fill byte
             at += 1
             continue
-        at += 2 + int.from_bytes(data[at + 2 : at + 4], "big")
+        length = int.from_bytes(data[at + 2 : at + 4], "big")
+        yield marker, data[at + 4 : at + 2 + length]
+        at += 2 + length
         if marker == 0xDA:  # a scan: entropy-coded data up to the next marker
             while True:
                 at = data.find(b"\xff", at)
                 if at < 0 or at + 1 >= len(data):
-                    return False
+                    return
                 # 0xFF 0x00 is a coded 0xFF; RSTn markers sit inside the scan.
                 if data[at + 1] == 0x00 or 0xD0 <= data[at + 1] <= 0xD7:
                     at += 2
@@ -115,7 +124,36 @@ def _jpeg_ends(data: bytes) -> bool:
                     at += 1
                 else:
                     break
-    return False
+
+
+def _exif_orientation(segments) -> int:
+    """The EXIF orientation (1-8, 1 upright) of a JPEG's segments; 1 without one."""
+    for marker, payload in segments:
+        if marker != 0xE1 or not payload.startswith(b"Exif\x00\x00"):
+            continue
+        tiff = payload[6:]
+        order = {b"II": "little", b"MM": "big"}.get(tiff[:2])
+        if order is None or len(tiff) < 8:
+            return 1
+        ifd = int.from_bytes(tiff[4:8], order)
+        count = int.from_bytes(tiff[ifd : ifd + 2], order)
+        for entry in range(ifd + 2, ifd + 2 + 12 * count, 12):
+            if int.from_bytes(tiff[entry : entry + 2], order) == 0x0112:
+                value = int.from_bytes(tiff[entry + 8 : entry + 10], order)
+                return value if 1 <= value <= 8 else 1
+        return 1
+    return 1
+
+
+def _upright(pixels: np.ndarray, orientation: int) -> np.ndarray:
+    """`pixels` as the EXIF orientation says they are shown."""
+    if orientation in (5, 6, 7, 8):  # stored on their side: transposed first
+        pixels = pixels.transpose(1, 0, 2)
+    if orientation in (2, 3, 6, 7):
+        pixels = pixels[:, ::-1]
+    if orientation in (3, 4, 7, 8):
+        pixels = pixels[::-1]
+    return pixels
 
 
 def image_codec(path: Path, image: Image) -> str:
