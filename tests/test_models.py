@@ -363,5 +363,23 @@ def test_ncnn_graph_with_an_extra_resize_is_refused(compact_ncnn):
     # The -x2/-x3 animevideov3 files are the x4 weights plus a bicubic downscale we would not apply.
     param, weights = compact_ncnn
     param.write_text(ncnn_files("realesr-animevideov3")[0].with_name("realesr-animevideov3-x2.param").read_text())
-    with pytest.raises(ModelError, match="resize layers"):
+    with pytest.raises(ModelError, match="resize layers .* give the x4 one with --scale 2 or 3"):
+        read_ncnn(param, weights)
+
+
+@pytest.mark.parametrize("layer, change, message", [
+    ("Add_38", ("Add_38 2 1 106 111 output", "Add_38 2 1 106 111 output 0=2"),
+     "its Add_38 is not the addition of two tensors SRVGGNetCompact makes there"),
+    ("PixelShuffle", ("0=4", "0=2"), "shuffles by 2, where SRVGGNetCompact x4 shuffles by 4"),
+])
+def test_ncnn_graph_computing_something_else_is_refused(compact_ncnn, layer, change, message):
+    # The weights fit, and it ran as the standard network, which is not what ncnn computes.
+    param, weights = compact_ncnn
+    lines = param.read_text().splitlines()
+    (index,) = [i for i, line in enumerate(lines) if line.split()[:2] and layer in line.split()[:2]]
+    old, new = change
+    assert " ".join(lines[index].split()).count(old) == 1
+    lines[index] = " ".join(lines[index].split()).replace(old, new)
+    param.write_text("\n".join(lines) + "\n")
+    with pytest.raises(ModelError, match=message):
         read_ncnn(param, weights)

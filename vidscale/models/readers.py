@@ -218,7 +218,18 @@ def ncnn_from_bytes(param_data: bytes, bin_data: bytes, param_path: Path) -> dic
     else:
         expected = [(_INTERP_NEAREST, float(spec.scale), float(spec.scale))]
     if interps != expected:
-        _bad_ncnn(param_path, f"its resize layers {interps} are not those of {spec.arch} ({expected})")
+        _bad_ncnn(param_path, f"its resize layers {interps} are not those of {spec.arch} ({expected}); "
+                              f"for an x2 or x3 file made of the x4 network and a downscale, give the x4 one "
+                              f"with --scale 2 or 3")
+    # So must the arithmetic: what is added, multiplied and shuffled.
+    for layer in layers:
+        if layer.kind == "BinaryOp" and (layer.int_param(0, 0), layer.int_param(1, 0)) != (0, 0):
+            _bad_ncnn(param_path, f"its {layer.name} is not the addition of two tensors {spec.arch} makes there")
+        if layer.kind == "PixelShuffle" and layer.int_param(0, 1) != spec.scale:
+            _bad_ncnn(param_path, f"its {layer.name} shuffles by {layer.int_param(0, 1)}, where {spec.arch} "
+                                  f"x{spec.scale} shuffles by {spec.scale}")
+        if layer.kind == "Eltwise" and (layer.int_param(0, 1), layer.float_list(1)) != (1, [0.2, 1.0]):
+            _bad_ncnn(param_path, f"its {layer.name} is not the residual sum (0.2 x block + input) of RRDBNet")
     return state_dict
 
 
