@@ -216,6 +216,15 @@ def test_a_relative_xdg_cache_home_is_ignored_as_the_spec_says(monkeypatch):
     assert default_cache_dir() == Path("/srv/cache/vidscale")
 
 
+@pytest.mark.parametrize("extra, message", [
+    (["--tune", "-t", "32"], "--tune chooses the tile itself; drop --tile or --tune"),
+    (["--calibration", "in.mkv"], "--calibration only counts with --precision int8; add that or drop --calibration"),
+])
+def test_an_option_that_would_be_ignored_is_refused(tmp_path, refused, extra, message):
+    source = make_clip(tmp_path / "in.mkv", frames=2)
+    refused(source, 2, message, *extra)
+
+
 def test_output_is_the_input(tmp_path, refused):
     source = make_clip(tmp_path / "in.mkv", frames=2)
     refused(source, 2, "is the input file; choose another output path", "--overwrite", output=source)

@@ -165,6 +165,17 @@ def test_detection_round_trip(tmp_path, cls, config, suffix, wrapper):
     assert np.array_equal(run_torch(rebuilt, image), run_torch(original, image))
 
 
+@pytest.mark.parametrize("layout", ["DataParallel", "an empty params_ema"])
+def test_checkpoints_as_training_leaves_them_load(tmp_path, layout):
+    # Refused before: "neither conv_first nor body.0 weights found", "holds a dict".
+    original = SRVGGNetCompact(num_feat=8, num_conv=2, upscale=2).eval()
+    weights = original.state_dict()
+    torch.save({f"module.{k}": v for k, v in weights.items()} if layout == "DataParallel"
+               else {"params_ema": {}, "params": weights}, tmp_path / "net.pth")
+    image = np.random.default_rng(1).random((3, 8, 12), dtype=np.float32)
+    assert np.array_equal(run_torch(resolve(tmp_path / "net.pth").module(), image), run_torch(original, image))
+
+
 def test_half_precision_weights_build_a_float32_module(tmp_path):
     original = SRVGGNetCompact(num_feat=8, num_conv=2, upscale=2)
     path = save({k: v.half() for k, v in original.state_dict().items()}, tmp_path / "half.pth")

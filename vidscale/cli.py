@@ -213,6 +213,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def settings_from(args: argparse.Namespace) -> UpscaleSettings:
+    """`upscale`'s and `image`'s settings; an option that would be ignored is refused."""
+    if args.tune and args.tile is not None:
+        raise UsageError("--tune chooses the tile itself; drop --tile or --tune")
+    if args.calibration is not None and args.precision != "int8":
+        raise UsageError("--calibration only counts with --precision int8; add that or drop --calibration")
     return UpscaleSettings(model=args.model, scale=args.scale, tile=args.tile, overlap=args.overlap,
                            precision=args.precision, device=args.device, cache_dir=args.cache_dir, tune=args.tune,
                            calibration=args.calibration)

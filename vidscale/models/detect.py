@@ -100,11 +100,15 @@ def detect(state_dict: Mapping[str, torch.Tensor], name: str = "the state dict")
 
 
 def normalize_keys(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Rename the keys of the original ESRGAN code to BasicSR's; other dicts come back unchanged.
+    """Rename the keys of the original ESRGAN code to BasicSR's, without DataParallel's "module."
+    prefix; other dicts come back unchanged.
 
     Two older layouts exist: ``model.N...`` (a Sequential, as saved by the first ESRGAN release) and
     ``RRDB_trunk...`` (its later named version). Both hold the same x4 RRDBNet.
     """
+    if state_dict and all(isinstance(key, str) and key.startswith("module.") for key in state_dict):
+        # Saved from a model wrapped in torch's DataParallel.
+        state_dict = {key.removeprefix("module."): value for key, value in state_dict.items()}
     for layout in _OLD_LAYOUTS:
         renamed = {}
         for key, value in state_dict.items():

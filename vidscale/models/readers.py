@@ -126,7 +126,7 @@ def _state_dict_of(loaded: object, path: Path) -> dict[str, torch.Tensor]:
     # BasicSR training checkpoints keep the EMA weights (the better ones) beside the raw ones.
     if isinstance(loaded, dict):
         for wrapper in ("params_ema", "params"):
-            if wrapper in loaded:
+            if loaded.get(wrapper):  # a checkpoint may keep an empty EMA beside the weights
                 loaded = loaded[wrapper]
                 break
     if not isinstance(loaded, dict) or not loaded:
