@@ -342,6 +342,20 @@ def compact_ncnn(tmp_path) -> tuple[Path, Path]:
     return Path(shutil.copy(param, tmp_path)), Path(shutil.copy(weights, tmp_path))
 
 
+def test_ncnn_files_named_in_capitals_resolve(compact_ncnn, tmp_path):
+    param, weights = compact_ncnn
+    upper = tmp_path / "UPPER.PARAM"
+    param.rename(upper)
+    weights.rename(tmp_path / "UPPER.BIN")
+    assert resolve(upper).digest == resolve("realesr-animevideov3").digest
+
+
+def test_an_empty_model_name_says_so():
+    # Path("") is the current folder: it said ". is a directory".
+    with pytest.raises(ModelError, match="no model given; give one of RealESRGAN_x4plus_anime_6B"):
+        resolve("")
+
+
 def test_ncnn_param_path_resolves_like_a_name(compact_ncnn):
     param, _ = compact_ncnn
     model = resolve(param)

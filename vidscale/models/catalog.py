@@ -82,10 +82,14 @@ def resolve(name_or_path: str | os.PathLike[str]) -> LoadedModel:
         name = _canonical_name(name_or_path)
         if name is not None:
             return _load_ncnn(name, *ncnn_files(name), source=NCNN_SOURCE)
+    if not os.fspath(name_or_path):  # Path("") would be the current folder
+        raise ModelError(f"no model given; give one of {', '.join(_NCNN_FILES)}, or the path of a weight file")
     path = Path(name_or_path)
     suffix = path.suffix.lower()
     if suffix == ".param":
-        return _load_ncnn(path.stem, path, path.with_suffix(".bin"), source=str(path))
+        weights = next((path.with_suffix(s) for s in (".bin", ".BIN") if path.with_suffix(s).exists()),
+                       path.with_suffix(".bin"))
+        return _load_ncnn(path.stem, path, weights, source=str(path))
     if suffix in WEIGHT_SUFFIXES or path.exists():
         return _load_file(path)
     raise ModelError(
