@@ -31,8 +31,9 @@ def make_clip(path, *, frames=6, size=(64, 48), pts=None, durations=None, time_b
     """A small clip made here: `colour` is (sws matrix name, range, AVCOL colorspace code) or
     None for an untagged BT.601 limited picture; `gop`: the keyframe interval; `options`: more
     encoder options (libx264's preset is ultrafast: no B-frames); `audio`: an AAC and a FLAC
-    track, or a codec's name ("aac", "pcm_s16le": s16 or fltp samples) for one track of it alone; `durations`: each frame's (else the muxer's 1/25 s);
-    `picture`: an 8x6 PNG's bytes, attached (Matroska) or as cover art."""
+    track, or a codec's name ("aac", "pcm_s16le": s16 or fltp samples) for one track of it
+    alone; `durations`: each frame's (else the muxer's 1/25 s); `picture`: an 8x6 PNG's bytes,
+    attached (Matroska) or as cover art."""
     width, height = size
     pts = list(range(0, frames * 40, 40)) if pts is None else pts
     with av.open(str(path), "w", format=fmt) as out:

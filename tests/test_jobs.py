@@ -751,5 +751,6 @@ def test_a_batch_stopped_between_jobs_reports_every_one(tmp_path, monkeypatch):
     with pytest.raises(BatchInterrupted) as stop:
         run_jobs(jobs)
     assert [(Path(r.input).name, r.status, r.error) for r in stop.value.report.results] == [
-        ("ep1.mkv", "failed", "not run: the batch was stopped"), ("ep2.mkv", "failed", "not run: the batch was stopped")]
+        ("ep1.mkv", "failed", "not run: the batch was stopped"),
+        ("ep2.mkv", "failed", "not run: the batch was stopped")]
     assert stop.value.report.interrupted
