@@ -49,8 +49,9 @@ class OutputClosedError(MediaError):
     exit_status = 141
 
 
-def first_line(exc: BaseException) -> str:
-    """The first line of what a library's exception says went wrong, for a one-line message."""
+def first_line(exc: BaseException | str) -> str:
+    """The first line of what a library's exception (or its text) says went wrong, for a one-line
+    message."""
     for line in str(exc).splitlines():
         line = line.strip()
         if line and not _SOURCE_LOCATION.fullmatch(line):

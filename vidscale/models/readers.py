@@ -19,7 +19,7 @@ import numpy as np
 import safetensors.torch
 import torch
 
-from vidscale.errors import ModelError
+from vidscale.errors import ModelError, first_line
 from vidscale.models.detect import detect, normalize_keys
 
 PICKLE_SUFFIXES = (".pth", ".pt")
@@ -140,13 +140,10 @@ def _state_dict_of(loaded: object, path: Path) -> dict[str, torch.Tensor]:
 
 
 def _short(exc: Exception) -> str:
-    text = str(exc)
     # torch's weights-only refusal opens with advice to load the file unrestricted (which runs any
     # code in it); the reason comes after.
-    _, marker, reason = text.partition("WeightsUnpickler error:")
-    if marker:
-        text = reason.strip()
-    return text.splitlines()[0][:200] if text else type(exc).__name__
+    _, marker, reason = str(exc).partition("WeightsUnpickler error:")
+    return first_line(reason if marker and reason.strip() else exc)[:200]
 
 
 # --- ncnn -------------------------------------------------------------------------------------------
