@@ -42,9 +42,11 @@ def temporary_beside(path: Path) -> Path:
     return path.with_name(f".{path.stem}.{os.getpid()}.{threading.get_ident()}{path.suffix}")
 
 
-def write_atomically(path: Path, text: str) -> None:
-    """`path` holds `text` whole, or what it held before: never a part."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.partial")
+def write_atomically(path: Path, text: str, tmp: Path | None = None) -> None:
+    """`path` holds `text` whole, or what it held before: never a part. `tmp`: the name it is
+    written under first (default: beside it, this process's; the model cache gives
+    temporary_beside's, as threads of one process may write the same file)."""
+    tmp = tmp or path.with_name(f".{path.name}.{os.getpid()}.partial")
     try:
         tmp.write_text(text)
         os.replace(tmp, path)

@@ -25,7 +25,7 @@ import openvino as ov
 
 from .engine import Engine, cache_writes, read_ir
 from .errors import EngineError, UsageError
-from .files import temporary_beside
+from .files import temporary_beside, write_atomically
 from .tiling import round_up
 
 # PSNR (dB) of the INT8 model's u8 output against f32's on the gate's crops, all crops pooled
@@ -220,7 +220,7 @@ def int8_model(engine: Engine, frames: Sequence[np.ndarray] | None,
     key = _digest(checks)
     if key not in measured:
         measured[key] = gate_psnr(engine, quantized, checks)
-        _write_record(record_path, record)
+        write_atomically(record_path, json.dumps(record), temporary_beside(record_path))
     if not measured[key] >= INT8_MIN_PSNR:
         what = "frames to upscale" if evaluation else "calibration frames"
         raise EngineError(f"INT8 quality gate failed: {measured[key]:.1f} dB < {INT8_MIN_PSNR:g} dB against "
@@ -228,19 +228,13 @@ def int8_model(engine: Engine, frames: Sequence[np.ndarray] | None,
     return quantized
 
 
-def _write_record(path: Path, record: dict) -> None:
-    tmp = temporary_beside(path)
-    tmp.write_text(json.dumps(record))
-    os.replace(tmp, path)
-
-
 def _save(model: ov.Model, xml: Path, record: dict) -> None:
     # The record first, then the .bin, then the .xml, each renamed into place: a present .xml
     # means a complete set even after a crash or a concurrent run.
     xml.parent.mkdir(parents=True, exist_ok=True)
-    tmp = temporary_beside(xml)
+    tmp, record_path = temporary_beside(xml), xml.with_suffix(".json")
     with cache_writes(tmp):
-        _write_record(xml.with_suffix(".json"), record)
+        write_atomically(record_path, json.dumps(record), temporary_beside(record_path))
         ov.save_model(model, tmp, compress_to_fp16=False)
         os.replace(tmp.with_suffix(".bin"), xml.with_suffix(".bin"))
         os.replace(tmp, xml)

@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from .engine import Engine
-from .files import temporary_beside
+from .files import temporary_beside, write_atomically
 from .tiling import choose_tile, plan_tiles, round_up
 
 TUNING_FILE = "tuning.json"
@@ -162,6 +162,4 @@ def _cached(entry, height: int, width: int, overlap: int) -> Choice | None:
 
 def _save(path: Path, known: dict) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = temporary_beside(path)
-    tmp.write_text(json.dumps(known, indent=1))
-    os.replace(tmp, path)
+    write_atomically(path, json.dumps(known, indent=1), temporary_beside(path))
